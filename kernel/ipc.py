@@ -1,0 +1,212 @@
+"""The transport under the protocol: three priority lanes over pynng.
+
+Topology (all addresses are ``ipc://`` paths in the runtime directory, mode 0600):
+
+- the kernel listens on one Pull socket per lane (``k.h``, ``k.m``, ``k.l``); every
+  peer dials them with Push sockets;
+- for each peer the kernel listens on one Push socket per lane (``<peer>.h`` ...); the
+  peer dials them with Pull sockets. The address belongs to the *peer id*, not to a
+  process, so a restarted service finds its endpoint where it was (stable endpoints).
+
+Separate sockets per lane are what keep a LOW flood from delaying HIGH traffic: both
+ends always drain the HIGH socket before reading another MEDIUM or LOW message.
+
+Every socket has a maximum message size and timeouts; decoding is schema-checked by
+:mod:`kernel.protocol` and failures are counted by the caller, never raised past it.
+"""
+
+from __future__ import annotations
+
+import os
+from collections import deque
+import selectors
+import time
+from pathlib import Path
+
+import msgspec
+import pynng
+
+from kernel import protocol
+from kernel.protocol import Lane, MAX_MESSAGE_BYTES
+
+LANE_SUFFIX = {Lane.HIGH: "h", Lane.MEDIUM: "m", Lane.LOW: "l"}
+LANES = (Lane.HIGH, Lane.MEDIUM, Lane.LOW)
+SEND_TIMEOUT_MS = 1000
+NNG_SEND_BUFFER = 256
+
+
+def address(run_dir: Path, name: str, lane: Lane) -> str:
+    return f"ipc://{run_dir}/{name}.{LANE_SUFFIX[lane]}"
+
+
+def _lock_down(addr: str) -> None:
+    """Only the owner may connect: least privilege for every endpoint."""
+    path = addr[len("ipc://"):]
+    if os.path.exists(path):
+        os.chmod(path, 0o600)
+
+
+def _configure(sock: pynng.Socket) -> pynng.Socket:
+    sock.recv_max_size = MAX_MESSAGE_BYTES
+    sock.send_timeout = SEND_TIMEOUT_MS
+    return sock
+
+
+def listen(sock_type, addr: str) -> pynng.Socket:
+    sock = _configure(sock_type())
+    sock.listen(addr)
+    _lock_down(addr)
+    return sock
+
+
+def dial(sock_type, addr: str) -> pynng.Socket:
+    sock = _configure(sock_type())
+    sock.reconnect_time_min = 5
+    sock.reconnect_time_max = 100
+    sock.dial(addr, block=True)
+    return sock
+
+
+def try_recv_msg(sock: pynng.Socket) -> pynng.Message | None:
+    try:
+        return sock.recv_msg(block=False)
+    except pynng.TryAgain:
+        return None
+
+
+class PeerLink:
+    """A peer's side of the lanes (services, workers, the reincarnation server).
+
+    ``recv`` always returns a waiting HIGH message before any MEDIUM or LOW one.
+    Messages that fail to decode are dropped and counted in ``bad``.
+    """
+
+    def __init__(self, run_dir: Path, peer: str, token: str, **hello):
+        self.peer = peer
+        self._out = {lane: dial(pynng.Push0, address(run_dir, "k", lane)) for lane in LANES}
+        self._in = {lane: dial(pynng.Pull0, address(run_dir, peer, lane)) for lane in LANES}
+        self._sel = selectors.DefaultSelector()
+        for lane, sock in self._in.items():
+            self._sel.register(sock.recv_fd, selectors.EVENT_READ, lane)
+        self.bad = 0
+        self.dropped = 0
+        hello = protocol.Hello(peer=peer, token=token, pid=os.getpid(), **hello)
+        for lane in LANES:
+            self._out[lane].send(protocol.encode(hello))
+
+    def send(self, msg, lane: Lane = Lane.MEDIUM) -> bool:
+        """Send; HIGH blocks up to the send timeout, other lanes give up at once when
+        the kernel's socket is full (counted in ``dropped``)."""
+        data = protocol.encode(msg)
+        try:
+            self._out[lane].send(data, block=lane is Lane.HIGH)
+            return True
+        except (pynng.TryAgain, pynng.Timeout):
+            self.dropped += 1
+            return False
+
+    def recv(self, timeout: float | None) -> tuple[Lane, object] | None:
+        """The next message, HIGH first; None when ``timeout`` seconds pass."""
+        deadline = None if timeout is None else time.monotonic() + timeout
+        while True:
+            for lane in LANES:
+                msg = try_recv_msg(self._in[lane])
+                if msg is None:
+                    continue
+                try:
+                    return lane, protocol.decode(msg.bytes)
+                except msgspec.MsgspecError:
+                    self.bad += 1
+                    break  # look at HIGH again before anything else
+            else:
+                remaining = None if deadline is None else deadline - time.monotonic()
+                if remaining is not None and remaining <= 0:
+                    return None
+                self._sel.select(remaining)
+
+    def close(self) -> None:
+        self._sel.close()
+        for sock in (*self._out.values(), *self._in.values()):
+            sock.close()
+
+
+class Inbox:
+    """The kernel's three inbound sockets. The caller pairs each message's pipe with
+    the peer that said Hello on it."""
+
+    def __init__(self, run_dir: Path):
+        self.socks = {lane: listen(pynng.Pull0, address(run_dir, "k", lane)) for lane in LANES}
+
+    def fds(self):
+        return {lane: sock.recv_fd for lane, sock in self.socks.items()}
+
+    def recv(self, lane: Lane) -> pynng.Message | None:
+        return try_recv_msg(self.socks[lane])
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()
+
+
+class Outbox:
+    """The kernel's three Push sockets toward one peer, with a kernel-side buffer for
+    what the peer cannot take now (not yet connected, busy, or held during a swap).
+
+    Overflow: HIGH is never dropped (its buffer is unbounded: HIGH traffic comes only
+    from the kernel itself, a bounded number of decisions per job). MEDIUM and LOW hold
+    at most ``cap`` messages each; past that the newest message is dropped and counted
+    in ``drops`` (visible in `lugh status`).
+    """
+
+    def __init__(self, run_dir: Path, peer: str, cap: int = 10_000):
+        self.peer = peer
+        self.cap = cap
+        self.socks = {}
+        for lane in LANES:
+            sock = listen(pynng.Push0, address(run_dir, peer, lane))
+            sock.send_buffer_size = NNG_SEND_BUFFER
+            self.socks[lane] = sock
+        self.pending = {lane: deque() for lane in LANES}
+        self.held = False
+        self.drops = {lane: 0 for lane in LANES}
+        self.sent = {lane: 0 for lane in LANES}
+
+    def send(self, data: bytes, lane: Lane) -> None:
+        queue = self.pending[lane]
+        if not self.held and not queue and self._try(data, lane):
+            return
+        if lane is not Lane.HIGH and len(queue) >= self.cap:
+            self.drops[lane] += 1
+            return
+        queue.append(data)
+
+    def _try(self, data: bytes, lane: Lane) -> bool:
+        try:
+            self.socks[lane].send(data, block=False)
+        except pynng.TryAgain:
+            return False
+        self.sent[lane] += 1
+        return True
+
+    def flush(self) -> bool:
+        """Send what is buffered, HIGH first; True when nothing is left."""
+        if self.held:
+            return False
+        for lane in LANES:
+            queue = self.pending[lane]
+            while queue and self._try(queue[0], lane):
+                queue.popleft()
+            if queue:
+                return False
+        return True
+
+    def backlog(self) -> int:
+        return sum(len(q) for q in self.pending.values())
+
+    def discard(self) -> None:
+        for q in self.pending.values():
+            q.clear()
+
+    def close(self) -> None:
+        for sock in self.socks.values():
+            sock.close()

@@ -1,0 +1,315 @@
+"""Every IPC message of LughOS, in one place.
+
+Messages are msgspec Structs in one tagged union per channel, encoded as msgpack: the
+decoder checks the schema (types, ranges, required fields), so a malformed message is a
+``msgspec.DecodeError``/``ValidationError`` at the door and never reaches a handler.
+Nothing is ever pickled.
+
+Channels:
+- *lanes*: kernel <-> peer (services, workers, the reincarnation server), three sockets
+  per direction, HIGH, MEDIUM and LOW (:mod:`kernel.ipc`). Message type :data:`Msg`.
+- *control*: CLI <-> kernel, request/reply over one socket. :data:`Request`/:data:`Reply`.
+
+Stream numbering: every message the kernel sends to a *service* carries ``seq``,
+numbered per service (not per process). A service reports the highest seq it has
+applied; what the kernel sent beyond that is kept and replayed to the next incarnation
+of the service (restart or live swap), and a gap seen by a service is counted as lost.
+"""
+
+from __future__ import annotations
+
+import enum
+from typing import Annotated, Any, Union
+
+import msgspec
+
+from lugh_sdk.api.types import Job, Name, SchedulerState, Task
+
+MAX_MESSAGE_BYTES = 1 << 20  # every socket's recv_max_size; bulk data goes through shm
+MAX_KEY = 1024
+MAX_VALUE = 256 * 1024
+RESERVED_KEY_PREFIX = ".lugh/"  # the storage service's own bookkeeping; refused from clients
+
+
+class Lane(enum.IntEnum):
+    HIGH = 0
+    MEDIUM = 1
+    LOW = 2
+
+
+PeerId = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9~_-]{0,31}$")]
+Key = Annotated[str, msgspec.Meta(min_length=1, max_length=MAX_KEY)]
+Value = Annotated[bytes, msgspec.Meta(max_length=MAX_VALUE)]
+
+
+class _M(msgspec.Struct, tag_field="t", array_like=True, kw_only=True):
+    """Base of lane messages: compact (array-like) and tagged."""
+
+
+# --- peer -> kernel ------------------------------------------------------------------
+
+class Hello(_M, tag="hello"):
+    """First message on each lane: binds the NNG pipe to the peer (token from the kernel)."""
+    peer: PeerId
+    token: Annotated[str, msgspec.Meta(max_length=64)]
+    pid: int
+    plugin: str = ""
+    plugin_version: str = ""
+    applied_seq: int = 0  # a storage service recovers it from its own data set
+
+
+class Heartbeat(_M, tag="hb"):
+    applied_seq: int = 0
+    lost: int = 0  # gaps this process saw in its service stream
+    errors: int = 0  # exceptions raised by the plugin
+
+
+class Picked(_M, tag="picked"):
+    req: int
+    job_id: str | None
+    applied_seq: int
+
+
+class Exported(_M, tag="exported"):
+    req: int
+    state: SchedulerState
+    applied_seq: int
+
+
+class Done(_M, tag="done"):
+    """Reply to a request that carries no data (import, health, quiesce)."""
+    req: int
+    ok: bool
+    error: str = ""
+    applied_seq: int = 0
+
+
+class Pong(_M, tag="pong"):
+    req: int
+    payload: bytes = b""
+
+
+class JobDone(_M, tag="jobdone"):
+    job_id: str
+    ok: bool
+    error: str = ""
+
+
+class KvPut(_M, tag="kvput"):
+    """A client's transaction: all writes commit together (value None deletes)."""
+    req: int
+    writes: Annotated[list[tuple[Key, Value | None]], msgspec.Meta(min_length=1, max_length=1024)]
+    origin: str = ""  # set by the kernel when it forwards; a client's value is overwritten
+    seq: int = 0
+
+
+class KvGet(_M, tag="kvget"):
+    req: int
+    key: Key
+    origin: str = ""
+
+
+class KvResult(_M, tag="kvres"):
+    """Storage -> kernel -> client. ``origin`` names the client peer."""
+    req: int
+    origin: str = ""
+    ok: bool = True
+    seq: int = 0
+    value: bytes | None = None
+    error: str = ""
+
+
+class ShmAlloc(_M, tag="shmalloc"):
+    req: int
+    size: Annotated[int, msgspec.Meta(gt=0)]
+
+
+class ShmFree(_M, tag="shmfree"):
+    name: str
+
+
+class ShmGranted(_M, tag="shmgrant"):
+    req: int
+    name: str = ""
+    size: int = 0
+    error: str = ""
+
+
+class Restart(_M, tag="restart"):
+    """Reincarnation server -> kernel: (re)start this service now."""
+    service: PeerId
+    reason: str = ""
+
+
+class GiveUp(_M, tag="giveup"):
+    """Reincarnation server -> kernel: intensity limit passed, enter safe mode."""
+    service: PeerId
+    reason: str = ""
+
+
+class MonitorReport(_M, tag="report"):
+    req: int
+    report: dict[str, Any]
+
+
+# --- kernel -> peer ------------------------------------------------------------------
+
+class TaskAdded(_M, tag="taskadd"):
+    seq: int
+    task: Task
+
+
+class TaskRemoved(_M, tag="taskrm"):
+    seq: int
+    name: Name
+
+
+class JobReleased(_M, tag="released"):
+    seq: int
+    job: Job
+
+
+class JobCompleted(_M, tag="completed"):
+    seq: int
+    job: Job
+
+
+class PickNext(_M, tag="pick"):
+    seq: int
+    req: int
+    now: float
+    running: Job | None = None
+
+
+class ExportState(_M, tag="export"):
+    req: int
+
+
+class ImportState(_M, tag="import"):
+    req: int
+    state: SchedulerState
+    applied_seq: int
+
+
+class HealthCheck(_M, tag="health"):
+    req: int
+
+
+class Ping(_M, tag="ping"):
+    req: int
+    payload: bytes = b""
+
+
+class RunJob(_M, tag="run"):
+    job: Job
+    action: str
+
+
+class Event(_M, tag="event"):
+    """To monitors and the reincarnation server."""
+    kind: str
+    at: float
+    data: dict[str, Any] = {}
+    seq: int = 0
+
+
+class ReportRequest(_M, tag="reportreq"):
+    req: int
+
+
+class Stop(_M, tag="stop"):
+    """Finish what you are doing and exit 0."""
+
+
+Msg = Union[
+    Hello, Heartbeat, Picked, Exported, Done, Pong, JobDone, KvPut, KvGet, KvResult,
+    ShmAlloc, ShmFree, ShmGranted, Restart, GiveUp, MonitorReport,
+    TaskAdded, TaskRemoved, JobReleased, JobCompleted, PickNext, ExportState,
+    ImportState, HealthCheck, Ping, RunJob, Event, ReportRequest, Stop,
+]
+
+_encoder = msgspec.msgpack.Encoder()
+_msg_decoder = msgspec.msgpack.Decoder(Msg)
+encode = _encoder.encode
+
+
+def decode(data: bytes) -> Msg:
+    """Decode a lane message; raises msgspec.DecodeError/ValidationError when bad."""
+    return _msg_decoder.decode(data)
+
+
+# --- control channel (CLI <-> kernel) ------------------------------------------------
+
+class _R(msgspec.Struct, tag_field="op", kw_only=True):
+    """Base of control requests."""
+
+
+class StatusReq(_R, tag="status"):
+    pass
+
+
+class TaskAddReq(_R, tag="task-add"):
+    task: Task
+
+
+class TaskRemoveReq(_R, tag="task-rm"):
+    name: Name
+
+
+class TaskListReq(_R, tag="task-list"):
+    pass
+
+
+class SwapReq(_R, tag="swap"):
+    service: PeerId
+    plugin: Annotated[str, msgspec.Meta(max_length=128)]
+    health_window_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 300
+
+
+class LogReq(_R, tag="log"):
+    limit: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class PingServiceReq(_R, tag="ping-service"):
+    service: PeerId
+    count: Annotated[int, msgspec.Meta(gt=0, le=100_000)] = 1000
+    lane: Lane = Lane.HIGH
+
+
+class KvReq(_R, tag="kv"):
+    put: list[tuple[Key, Value | None]] = []
+    get: Key | None = None
+
+
+class ShutdownReq(_R, tag="down"):
+    pass
+
+
+Request = Union[StatusReq, TaskAddReq, TaskRemoveReq, TaskListReq, SwapReq, LogReq,
+                PingServiceReq, KvReq, ShutdownReq]
+
+
+class ReplyBase(msgspec.Struct, tag_field="kind", kw_only=True):
+    pass
+
+
+class OkReply(ReplyBase, tag="ok"):
+    data: dict[str, Any] = {}
+
+
+class ErrorReply(ReplyBase, tag="error"):
+    error: str
+
+
+Reply = Union[OkReply, ErrorReply]
+
+_request_decoder = msgspec.msgpack.Decoder(Request)
+_reply_decoder = msgspec.msgpack.Decoder(Reply)
+
+
+def decode_request(data: bytes) -> Request:
+    return _request_decoder.decode(data)
+
+
+def decode_reply(data: bytes) -> Reply:
+    return _reply_decoder.decode(data)

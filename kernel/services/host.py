@@ -1,0 +1,86 @@
+"""The service host: one process, one plugin. ``python -m kernel.services.host``.
+
+Order matters and is the point of this module: verify the plugin's files against the
+installed RECORD, check its manifest (kind, plugin API, architecture, Python), and only
+then import it, through its ``lugh.plugins`` entry point, into a pluggy PluginManager
+that knows only the hookspecs of its kind. pluggy's own ``load_setuptools_entrypoints``
+is not used: it would import whatever is on the path without checking it.
+
+A plugin that fails verification or import makes the process exit with status 3 and
+its reason as the last line of its log, which the kernel shows in `lugh status`.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import importlib.metadata
+import os
+import sys
+from pathlib import Path
+
+import pluggy
+
+from kernel import plugin_store
+from kernel.processes import die_with_parent
+from kernel.services import loop
+from lugh_sdk.api import PROJECT
+
+EXIT_PLUGIN_REFUSED = 3
+
+
+def load_plugin(plugin_dir: Path, kind: str) -> tuple[pluggy.PluginManager, plugin_store.Manifest]:
+    """Verify, check and load the plugin installed in ``plugin_dir``."""
+    plugin_store.verify_files(plugin_dir)
+    manifest = plugin_store.read_manifest(plugin_dir)
+    plugin_store.check_compatible(manifest, kind=kind)
+    dists = list(importlib.metadata.distributions(path=[str(plugin_dir)]))
+    entries = [ep for d in dists for ep in d.entry_points if ep.group == "lugh.plugins"]
+    if len(entries) != 1:
+        raise plugin_store.PluginError(f"{manifest.name}: expected one 'lugh.plugins' entry point, found {len(entries)}")
+    if entries[0].value != manifest.entry:
+        raise plugin_store.PluginError(f"{manifest.name}: entry point {entries[0].value} differs from manifest {manifest.entry}")
+    sys.dont_write_bytecode = True  # a .pyc written next to the plugin would fail the next verification
+    sys.path.insert(0, str(plugin_dir))
+    obj = entries[0].load()
+    plugin = obj() if isinstance(obj, type) else obj
+    pm = pluggy.PluginManager(PROJECT)
+    pm.add_hookspecs(importlib.import_module(f"lugh_sdk.api.{kind}"))
+    pm.register(plugin, name=manifest.name)
+    pm.check_pending()
+    return pm, manifest
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernel.services.host")
+    parser.add_argument("--peer", required=True)
+    parser.add_argument("--kind", required=True, choices=["scheduler", "storage", "monitor"])
+    parser.add_argument("--plugin-dir", required=True, type=Path)
+    parser.add_argument("--data-dir", type=Path)
+    parser.add_argument("--heartbeat", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    die_with_parent(int(os.environ["LUGH_PARENT_PID"]))
+    try:
+        pm, manifest = load_plugin(args.plugin_dir, args.kind)
+    except Exception as exc:  # anything a plugin does at import is its failure, not ours
+        loop.report_error(f"plugin refused ({args.plugin_dir.name})", exc)
+        return EXIT_PLUGIN_REFUSED
+    stream = loop.Stream()
+    module = importlib.import_module(f"kernel.services.{args.kind}")
+    try:
+        server = module.Server(pm.hook, stream, args)
+    except Exception as exc:
+        loop.report_error(f"{manifest.name} failed to start", exc)
+        return EXIT_PLUGIN_REFUSED
+    link = loop.connect_from_env(args.peer, plugin=manifest.name, plugin_version=manifest.version,
+                                 applied_seq=stream.position())
+    try:
+        loop.serve(link, server, stream, args.heartbeat)
+    finally:
+        getattr(server, "close", lambda: None)()
+        link.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,53 @@
+"""Scheduler service: maps the kernel's scheduling messages to a scheduler plugin's hooks.
+
+Events change the plugin's view; requests (pick, export, import, health) are answered
+on the lane they came on, with the stream position, so the kernel knows exactly which
+events the answer accounts for.
+"""
+
+from __future__ import annotations
+
+from kernel import protocol
+from kernel.services.loop import report_error
+
+
+class Server:
+    def __init__(self, hook, stream, args):
+        self.hook = hook
+        self.stream = stream
+
+    def handle(self, msg):
+        hook = self.hook
+        try:
+            if isinstance(msg, protocol.PickNext):
+                job_id = hook.sched_pick_next(now=msg.now, running=msg.running)
+                return protocol.Picked(req=msg.req, job_id=job_id, applied_seq=self.stream.applied)
+            if isinstance(msg, protocol.JobReleased):
+                hook.sched_job_released(job=msg.job)
+            elif isinstance(msg, protocol.JobCompleted):
+                hook.sched_job_completed(job=msg.job)
+            elif isinstance(msg, protocol.TaskAdded):
+                hook.sched_task_added(task=msg.task)
+            elif isinstance(msg, protocol.TaskRemoved):
+                hook.sched_task_removed(name=msg.name)
+            elif isinstance(msg, protocol.ExportState):
+                return protocol.Exported(req=msg.req, state=hook.sched_export_state(),
+                                         applied_seq=self.stream.applied)
+            elif isinstance(msg, protocol.ImportState):
+                hook.sched_import_state(state=msg.state)
+                self.stream.applied = msg.applied_seq
+                return protocol.Done(req=msg.req, ok=True, applied_seq=self.stream.applied)
+            elif isinstance(msg, protocol.HealthCheck):
+                ok = bool(hook.sched_health())
+                return protocol.Done(req=msg.req, ok=ok, error="" if ok else "plugin reports unhealthy",
+                                     applied_seq=self.stream.applied)
+        except Exception as exc:
+            self.stream.errors += 1
+            report_error(type(msg).__name__, exc)
+            req = getattr(msg, "req", None)
+            if isinstance(msg, protocol.PickNext):
+                return protocol.Picked(req=msg.req, job_id=None, applied_seq=self.stream.applied)
+            if req is not None:
+                return protocol.Done(req=req, ok=False, error=f"{type(exc).__name__}: {exc}",
+                                     applied_seq=self.stream.applied)
+        return None

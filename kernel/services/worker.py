@@ -1,0 +1,111 @@
+"""Worker: the process in which jobs execute, outside the kernel. ``python -m kernel.services.worker``.
+
+One job at a time. The kernel preempts a job by stopping this whole process (SIGSTOP)
+and resumes it with SIGCONT, so an action needs no cooperation to be preemptible.
+
+Actions (the ``--action`` of a task):
+- ``noop``
+- ``spin:MS``: busy for MS milliseconds of CPU (a synthetic load);
+- ``sample:QUANTITY:SENSOR``: read a simulated grid sensor (voltage, frequency,
+  current, breaker) and write the reading through the storage service (LOW lane);
+  the job does not wait for the commit, the acknowledgement is counted when it comes.
+- ``fail``: raise (to test failure accounting).
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import sys
+import time
+import zlib
+
+from kernel import protocol
+from kernel.processes import die_with_parent
+from kernel.protocol import Lane
+from kernel.services import loop
+
+SENSORS = {  # nominal value, swing, cycles per second of the simulated signal
+    "voltage": (230.0, 6.0, 0.2),
+    "frequency": (50.0, 0.05, 0.1),
+    "current": (120.0, 35.0, 0.05),
+    "breaker": (1.0, 0.0, 0.0),
+}
+
+
+def sample(quantity: str, sensor: str, now: float) -> float:
+    nominal, swing, hz = SENSORS[quantity]
+    if quantity == "breaker":  # closed, except a few trips that come and go
+        return 0.0 if (int(now) + zlib.crc32(sensor.encode())) % 97 == 0 else 1.0
+    phase = (zlib.crc32(sensor.encode()) % 628) / 100.0
+    return nominal + swing * math.sin(2 * math.pi * hz * now + phase)
+
+
+def parse_action(action: str) -> tuple[str, list[str]]:
+    name, *args = action.split(":")
+    if name == "noop" and not args:
+        return name, args
+    if name == "spin" and len(args) == 1:
+        float(args[0])
+        return name, args
+    if name == "sample" and len(args) == 2 and args[0] in SENSORS and args[1]:
+        return name, args
+    if name == "fail" and not args:
+        return name, args
+    raise ValueError(f"unknown action {action!r}: use noop, spin:MS, sample:QUANTITY:SENSOR "
+                     f"(QUANTITY one of {', '.join(SENSORS)}) or fail")
+
+
+class Server:
+    def __init__(self, link):
+        self.link = link
+        self.req = 0
+        self.acked = 0
+        self.failed_writes = 0
+
+    def handle(self, msg):
+        if isinstance(msg, protocol.RunJob):
+            try:
+                self.run(msg.action)
+                return protocol.JobDone(job_id=msg.job.id, ok=True)
+            except Exception as exc:
+                return protocol.JobDone(job_id=msg.job.id, ok=False, error=f"{type(exc).__name__}: {exc}")
+        if isinstance(msg, protocol.KvResult):
+            if msg.ok:
+                self.acked += 1
+            else:
+                self.failed_writes += 1
+        return None
+
+    def run(self, action: str) -> None:
+        name, args = parse_action(action)
+        if name == "spin":
+            end = time.thread_time() + float(args[0]) / 1000.0
+            while time.thread_time() < end:
+                pass
+        elif name == "sample":
+            value = sample(args[0], args[1], time.time())
+            self.req += 1
+            key = f"grid/{args[0]}/{args[1]}"
+            self.link.send(protocol.KvPut(req=self.req, writes=[(key, b"%.4f" % value)]), Lane.LOW)
+        elif name == "fail":
+            raise RuntimeError("the action failed on purpose")
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernel.services.worker")
+    parser.add_argument("--peer", required=True)
+    parser.add_argument("--heartbeat", type=float, default=0.1)
+    args = parser.parse_args(argv)
+    die_with_parent(int(os.environ["LUGH_PARENT_PID"]))
+    link = loop.connect_from_env(args.peer)
+    try:
+        loop.serve(link, Server(link), loop.Stream(), args.heartbeat)
+    finally:
+        link.close()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
