@@ -114,7 +114,7 @@ class KvResult(_M, tag="kvres"):
     req: int
     origin: str = ""
     ok: bool = True
-    seq: int = 0
+    commit: int = 0  # the storage's commit sequence number (not a stream seq)
     value: bytes | None = None
     error: str = ""
 
@@ -175,7 +175,7 @@ class JobCompleted(_M, tag="completed"):
 
 
 class PickNext(_M, tag="pick"):
-    seq: int
+    through: int  # the stream seq of the last event sent before this question
     req: int
     now: float
     running: Job | None = None

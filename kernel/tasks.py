@@ -71,7 +71,7 @@ class TaskTable:
             raise ValueError("deadline must not exceed the period (constrained-deadline tasks only)")
         if task.budget_ms > task.deadline_ms:
             raise ValueError("budget must not exceed the deadline")
-        self.tasks[task.name] = TaskRecord(task=task, next_release=now)
+        self.tasks[task.name] = TaskRecord(task=task, next_release=now + task.offset_ms / 1000.0)
 
     def remove(self, name: str) -> list[JobRecord]:
         """Remove a task; its queued jobs go, a running one finishes (returned jobs are

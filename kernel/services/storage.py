@@ -60,7 +60,7 @@ class Server:
             return [(protocol.KvResult(req=p.req, origin=p.origin, ok=False, error=str(exc)), Lane.LOW)
                     for p in batch]
         self.stream.acked = self.stream.applied
-        return [(protocol.KvResult(req=p.req, origin=p.origin, seq=seq), Lane.LOW) for p in batch]
+        return [(protocol.KvResult(req=p.req, origin=p.origin, commit=seq), Lane.LOW) for p in batch]
 
     def close(self):
         self.hook.storage_close()

@@ -25,6 +25,7 @@ class Task(msgspec.Struct, frozen=True, kw_only=True):
     budget_ms: PositiveMs
     priority: Priority = 0
     action: Annotated[str, msgspec.Meta(max_length=256)] = "noop"
+    offset_ms: Annotated[float, msgspec.Meta(ge=0, le=3_600_000)] = 0.0  # first release, after the task is added
 
 
 class Job(msgspec.Struct, frozen=True, kw_only=True):

@@ -1,0 +1,71 @@
+"""The kernel process: ``python -m kernel --home DIR``.
+
+Boots the system (reincarnation server, services, workers, tasks), serves the control
+channel, and runs the loop until ``lugh down`` or SIGTERM. Only one kernel runs per
+home: the runtime directory's lock file says which.
+"""
+
+from __future__ import annotations
+
+import argparse
+import fcntl
+import json
+import os
+import signal
+import sys
+from pathlib import Path
+
+import msgspec
+
+from kernel import control, paths
+from kernel.core import Kernel, Options
+from kernel.workload import grid_tasks
+from lugh_sdk.api.types import Task
+
+EXIT_ALREADY_RUNNING = 2
+
+
+def load_tasks(home: Path, workload: str) -> list[Task]:
+    saved = home / "state" / "tasks.json"
+    if saved.exists():
+        return msgspec.json.decode(saved.read_bytes(), type=list[Task])
+    return grid_tasks() if workload == "grid" else []
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(prog="kernel")
+    parser.add_argument("--home", type=Path, required=True)
+    parser.add_argument("--workload", choices=["grid", "none"], default="grid")
+    parser.add_argument("--heartbeat", type=float, default=0.1)
+    parser.add_argument("--workers", type=int, default=3)
+    parser.add_argument("--memory-budget", type=int, default=Options.memory_budget)
+    args = parser.parse_args(argv)
+    home = args.home.resolve()
+    run_dir = paths.run_dir(home)
+    lock = open(run_dir / "kernel.lock", "w")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        print(f"a kernel is already running for {home}", file=sys.stderr)
+        return EXIT_ALREADY_RUNNING
+    paths.clear_stale(run_dir)
+    kernel = Kernel(home, run_dir, Options(heartbeat=args.heartbeat, workers=args.workers,
+                                           memory_budget=args.memory_budget))
+    stop = lambda *_: kernel.call(setattr, kernel, "stopping", True)
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    server = control.ControlServer(kernel, run_dir)
+    try:
+        kernel.boot(load_tasks(home, args.workload))
+        (run_dir / "kernel.pid").write_text(json.dumps({"pid": os.getpid()}))
+        print(f"kernel {os.getpid()} up, control at {paths.control_address(run_dir)}", flush=True)
+        kernel.run()
+    finally:
+        server.close()
+        (run_dir / "kernel.pid").unlink(missing_ok=True)
+        paths.clear_stale(run_dir)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

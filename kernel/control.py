@@ -1,0 +1,181 @@
+"""The control channel: the CLI's requests to a running kernel.
+
+A Rep0 socket at ``<run>/control`` (mode 0600, so only the kernel's owner can talk to
+it), served by a few threads, each with its own NNG context, so that a long request (a
+live swap) does not block `lugh status`. Requests and replies are schema-checked
+(:mod:`kernel.protocol`); a bad request is answered with an error and counted.
+Every handler hands its work to the kernel loop (``Kernel.call``) and waits.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+
+import msgspec
+import pynng
+
+from kernel import ipc, paths, protocol
+from kernel.journal import write_atomically
+from kernel.swap import SwapError, run_swap
+from kernel.plugin_store import PluginError
+
+THREADS = 4
+CALL_TIMEOUT = 30.0
+
+
+class ControlServer:
+    def __init__(self, kernel, run_dir):
+        self.kernel = kernel
+        self.sock = ipc.listen(pynng.Rep0, paths.control_address(run_dir))
+        self.sock.recv_timeout = 200
+        self.closing = False
+        self.threads = [threading.Thread(target=self._serve, name=f"control-{i}", daemon=True) for i in range(THREADS)]
+        for t in self.threads:
+            t.start()
+
+    def close(self) -> None:
+        self.closing = True
+        for t in self.threads:
+            t.join(2)
+        self.sock.close()
+
+    def _serve(self) -> None:
+        ctx = self.sock.new_context()
+        while not self.closing:
+            try:
+                data = ctx.recv()
+            except pynng.Timeout:
+                continue
+            except pynng.NNGException:
+                return
+            reply = self.answer(data)
+            try:
+                ctx.send(protocol.encode(reply))
+            except pynng.NNGException:
+                pass
+
+    def answer(self, data: bytes):
+        kernel = self.kernel
+        try:
+            req = protocol.decode_request(data)
+        except msgspec.MsgspecError as exc:
+            kernel.counters["bad_control_requests"] += 1
+            return protocol.ErrorReply(error=f"malformed request: {exc}")
+        try:
+            return protocol.OkReply(data=self._dispatch(req))
+        except (ValueError, KeyError, SwapError, PluginError, TimeoutError) as exc:
+            return protocol.ErrorReply(error=_say(exc))
+        except Exception as exc:
+            kernel.counters["control_errors"] += 1
+            return protocol.ErrorReply(error=f"internal error: {type(exc).__name__}: {exc}")
+
+    def _dispatch(self, req) -> dict:
+        kernel = self.kernel
+        call = lambda fn, *a: kernel.call(fn, *a).result(CALL_TIMEOUT)
+        if isinstance(req, protocol.StatusReq):
+            return call(kernel.status)
+        if isinstance(req, protocol.TaskListReq):
+            return {"tasks": call(kernel.task_list), "recent": call(lambda: list(kernel.table.recent))}
+        if isinstance(req, protocol.TaskAddReq):
+            call(kernel.add_task, req.task)
+            self._save_tasks()
+            return {"added": req.task.name}
+        if isinstance(req, protocol.TaskRemoveReq):
+            dropped = call(kernel.remove_task, req.name)
+            self._save_tasks()
+            return {"removed": req.name, "queued_jobs_dropped": dropped}
+        if isinstance(req, protocol.SwapReq):
+            return run_swap(kernel, req.service, req.plugin, req.health_window_ms / 1000.0)
+        if isinstance(req, protocol.LogReq):
+            return {"records": kernel.journal.records(req.limit), "problems": kernel.journal.problems}
+        if isinstance(req, protocol.PingServiceReq):
+            return self._ping(req)
+        if isinstance(req, protocol.KvReq):
+            return self._kv(req)
+        if isinstance(req, protocol.ShutdownReq):
+            kernel.call(setattr, kernel, "stopping", True)
+            return {"stopping": True}
+        raise ValueError(f"unsupported request {type(req).__name__}")
+
+    def _save_tasks(self) -> None:
+        kernel = self.kernel
+        tasks = self.kernel.call(lambda: [r.task for r in kernel.table.tasks.values()]).result(CALL_TIMEOUT)
+        write_atomically(kernel.home / "state" / "tasks.json", msgspec.json.encode(tasks))
+
+    def _ping(self, req) -> dict:
+        """Round trips kernel -> service -> kernel, timed inside the kernel loop (the
+        next ping leaves as the loop handles the previous pong)."""
+        kernel = self.kernel
+        done = kernel.call(_ping_series, kernel, req.service, req.count, req.lane).result(CALL_TIMEOUT)
+        rtts = sorted(done.result(CALL_TIMEOUT * 4))
+        return {"service": req.service, "count": len(rtts), "lane": req.lane.name,
+                "median_us": round(rtts[len(rtts) // 2] * 1e6, 1),
+                "p99_us": round(rtts[min(len(rtts) - 1, int(len(rtts) * 0.99))] * 1e6, 1),
+                "mean_us": round(sum(rtts) / len(rtts) * 1e6, 1)}
+
+    def _kv(self, req) -> dict:
+        kernel = self.kernel
+
+        def send():
+            from concurrent.futures import Future
+
+            storage = kernel.services["storage"]
+            fut: Future = Future()
+            rid = kernel.next_req()
+            kernel.requests[rid] = (fut, None)
+            if req.put:
+                if any(k.startswith(protocol.RESERVED_KEY_PREFIX) for k, _ in req.put):
+                    raise ValueError("keys under .lugh/ are reserved")
+                kernel._stream("storage", protocol.KvPut(req=rid, writes=req.put, origin=f"ctl:{rid}"),
+                               protocol.Lane.HIGH)
+            elif req.get is not None:
+                if storage.active is None or not storage.active.connected:
+                    raise ValueError("storage is restarting; try again")
+                kernel._send(storage.active, protocol.KvGet(req=rid, key=req.get, origin=f"ctl:{rid}"),
+                             protocol.Lane.HIGH)
+            else:
+                raise ValueError("nothing to do: give put or get")
+            return fut
+
+        result = kernel.call(send).result(CALL_TIMEOUT).result(CALL_TIMEOUT)
+        if not result.ok:
+            raise ValueError(result.error)
+        return {"commit": result.commit, "value": result.value}
+
+
+def _ping_series(kernel, service_name: str, count: int, lane):
+    from concurrent.futures import Future
+
+    service = kernel.services.get(service_name)
+    if service is None or service.active is None or not service.active.connected:
+        raise ValueError(f"service {service_name!r} is not up")
+    inst = service.active
+    done: Future = Future()
+    rtts: list[float] = []
+
+    def next_ping():
+        sent = time.perf_counter()
+        fut = kernel.request(inst, protocol.Ping(req=0), lane)
+        fut.add_done_callback(lambda f: on_pong(f, sent))
+
+    def on_pong(f, sent):
+        if f.exception() is not None:
+            done.set_exception(f.exception())
+            return
+        rtts.append(time.perf_counter() - sent)
+        if len(rtts) < count:
+            next_ping()
+        else:
+            done.set_result(rtts)
+
+    next_ping()
+    return done
+
+
+def _say(exc: Exception) -> str:
+    if isinstance(exc, KeyError):
+        return f"no such item: {exc.args[0]}"
+    if isinstance(exc, TimeoutError):
+        return "the kernel did not answer in time"
+    return str(exc)

@@ -1,0 +1,868 @@
+"""The kernel: one loop over messages, releases and timers.
+
+The loop (one thread) owns every piece of kernel state. Other threads (the control
+channel, a live swap) never touch that state: they hand a function to the loop with
+:meth:`Kernel.call` and wait for its result.
+
+Each pass of the loop:
+1. releases the jobs that are due on the monotonic clock;
+2. drains the HIGH lane completely, then handles MEDIUM and LOW messages one at a time,
+   looking at HIGH again after each (so a LOW flood never delays HIGH traffic);
+3. runs calls from other threads, then the watchdogs.
+
+Inbound MEDIUM and LOW messages wait in bounded queues (``LANE_CAP``); past the bound
+the newest is dropped, counted, and a request among them is answered with an error.
+HIGH is never dropped.
+
+Dispatching: one job runs at a time (one dispatch slot, as on a uniprocessor). The
+scheduler service is asked for every decision; while it cannot answer (swapping,
+restarting, stalled past ``PICK_TIMEOUT``) the kernel's fallback policy (EDF, see
+:mod:`kernel.tasks`) decides, so dispatching never stops. A scheduler silent for
+``EJECT_AFTER`` is killed (ejected); the reincarnation server restarts it.
+"""
+
+from __future__ import annotations
+
+import collections
+import json
+import os
+import queue
+import secrets
+import selectors
+import signal
+import sys
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import msgspec
+import pynng
+
+from kernel import KERNEL_VERSION, ipc, plugin_store, processes, protocol
+from kernel.journal import Journal, unfinished, write_atomically
+from kernel.memory import RegionTable
+from kernel.protocol import Lane
+from kernel.tasks import TaskTable, fallback_key
+from lugh_sdk.api.types import SchedulerState, Task
+
+LANE_CAP = 20_000
+REPLAY_CAP = 200_000
+PICK_TIMEOUT = 0.02
+EJECT_AFTER = 0.5
+WORKERS = 3
+JOB_KILL_FLOOR = 2.0  # a job running longer than max(this, 20 x budget) has its worker killed
+PLUGIN_KINDS = ("scheduler", "storage", "monitor")
+DEFAULT_PLUGINS = {"scheduler": "round-robin-scheduler", "storage": "sqlite-storage", "monitor": "heartbeat-monitor"}
+DEFAULT_BUDGET = 768 * 1024 * 1024
+
+
+@dataclass
+class Options:
+    heartbeat: float = 0.1
+    hung_after: float = 3.0  # periods without a heartbeat (2 missed, plus slack) before a peer is hung
+    workers: int = WORKERS
+    memory_budget: int = DEFAULT_BUDGET
+
+
+@dataclass
+class Instance:
+    """One process: an incarnation of a service, or a worker."""
+    peer: str
+    service: "Service"
+    child: processes.Child
+    outbox: ipc.Outbox
+    token: str
+    lanes: set = field(default_factory=set)
+    plugin: str = ""
+    plugin_version: str = ""
+    last_beat: float = 0.0
+    applied: int = 0
+    lost: int = 0
+    errors: int = 0
+    job: str | None = None  # workers: the job it holds (running or preempted)
+    stopped: bool = False   # workers: SIGSTOPped (preempted)
+    ready_future: Future = field(default_factory=Future)
+
+    @property
+    def connected(self) -> bool:
+        return len(self.lanes) == 3
+
+
+@dataclass
+class Service:
+    name: str
+    kind: str  # scheduler, storage, monitor, rs, worker
+    plugin: str = ""
+    incarnations: int = 0
+    restarts: int = 0
+    active: Instance | None = None
+    started: float = 0.0
+    last_failure: str = ""
+    failed: bool = False
+    seq: int = 0
+    replay: collections.deque = field(default_factory=collections.deque)
+    replay_lost: int = 0
+    held: bool = False  # quiesced by a swap: stream messages wait in the replay log
+
+
+class Kernel:
+    def __init__(self, home: Path, run_dir: Path, options: Options | None = None):
+        self.home = home
+        self.run_dir = run_dir
+        self.state_dir = home / "state"
+        self.options = options or Options()
+        self.started = time.monotonic()
+        self.journal = Journal(self.state_dir / "journal.log")
+        self.table = TaskTable()
+        self.regions = RegionTable(f"lugh{os.getpid()}")
+        self.sel = selectors.DefaultSelector()
+        self.inbox = ipc.Inbox(run_dir)
+        for lane, fd in self.inbox.fds().items():
+            self.sel.register(fd, selectors.EVENT_READ, ("lane", lane))
+        self._wake_r, self._wake_w = os.pipe()
+        os.set_blocking(self._wake_r, False)
+        os.set_blocking(self._wake_w, False)
+        self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        self._calls: queue.SimpleQueue = queue.SimpleQueue()
+        self.pipes: dict[int, Instance] = {}
+        self.instances: dict[str, Instance] = {}
+        self.services: dict[str, Service] = {}
+        self.queues = {Lane.MEDIUM: collections.deque(), Lane.LOW: collections.deque()}
+        self.counters = collections.Counter()
+        self.lane_drops = {lane: 0 for lane in ipc.LANES}
+        self.lane_handled = {lane: 0 for lane in ipc.LANES}
+        self.handled_seq = 0  # order in which messages were handled, for the lane tests
+        self.requests: dict[int, tuple[Future, Instance | None]] = {}
+        self._req = 0
+        self.running: str | None = None
+        self.pick_req: int | None = None
+        self.pick_sent = 0.0
+        self.pick_dirty = False
+        self.pick_for: str | None = None  # the running job when the pick was asked
+        self.fallback_only = False  # set while a swap has quiesced the scheduler
+        self.swapping: str | None = None  # id of the swap in progress
+        self.swap_marks = (0.0, {}, 0)
+        self.wait_start: float | None = None  # a job ready and the slot free since
+        self.gaps = collections.deque(maxlen=4096)
+        self.max_gap = 0.0
+        self.stopping = False
+        self.boot_tasks: list[Task] | None = None
+        self.stopped = threading.Event()
+        self.config = self._load_config()
+
+    # ---------------------------------------------------------------- boot & shutdown
+
+    def _load_config(self) -> dict:
+        path = self.state_dir / "services.json"
+        config = {"plugins": dict(DEFAULT_PLUGINS), "op_seq": 0}
+        if path.exists():
+            config.update(json.loads(path.read_text()))
+        return config
+
+    def save_config(self) -> None:
+        write_atomically(self.state_dir / "services.json", json.dumps(self.config, indent=2).encode())
+
+    def recover(self) -> None:
+        """Resolve operations a crash left open: a swap never committed is reverted
+        (the active configuration was never changed), a committed one whose
+        configuration write was lost is rolled forward."""
+        records = self.journal.records()
+        for rec in unfinished(records, "swap"):
+            self.journal.append("swap.rollback", id=rec["data"]["id"], service=rec["data"]["service"],
+                                reason="not committed when the kernel stopped; reverted at boot")
+        for rec in records:
+            if rec["op"] == "swap.commit" and rec["seq"] > self.config["op_seq"]:
+                self.config["plugins"][rec["data"]["service"]] = rec["data"]["to"]
+                self.config["op_seq"] = rec["seq"]
+                self.journal.append("swap.rollforward", id=rec["data"]["id"], service=rec["data"]["service"],
+                                    to=rec["data"]["to"])
+                self.save_config()
+
+    def boot(self, tasks: list[Task]) -> None:
+        self.recover()
+        for name in ("rs", *PLUGIN_KINDS):
+            kind = name
+            self.services[name] = Service(name=name, kind=kind, plugin=self.config["plugins"].get(name, ""))
+        for i in range(self.options.workers):
+            self.services[f"w{i}"] = Service(name=f"w{i}", kind="worker")
+        for service in self.services.values():
+            self.start_instance(service, activate=True)
+        self.boot_tasks = tasks  # released once every service is up (see _on_connected)
+
+    def start_instance(self, service: Service, *, plugin: str | None = None, activate: bool) -> Instance:
+        """Spawn a new process for ``service``. Must run on the loop thread (the
+        spawning thread is the one PR_SET_PDEATHSIG watches)."""
+        service.incarnations += 1
+        peer = f"{service.name}-{service.incarnations}"
+        plugin = plugin or service.plugin
+        outbox = ipc.Outbox(self.run_dir, peer, cap=LANE_CAP)
+        token = secrets.token_hex(16)
+        env = dict(os.environ, LUGH_RUN_DIR=str(self.run_dir), LUGH_TOKEN=token,
+                   LUGH_PARENT_PID=str(os.getpid()), MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
+        args = ["--peer", peer, "--heartbeat", str(self.options.heartbeat)]
+        if service.kind in PLUGIN_KINDS:
+            module = "kernel.services.host"
+            try:
+                plugin_dir = plugin_store.locate(self.home, plugin)
+            except plugin_store.PluginError as exc:
+                outbox.close()
+                raise
+            args += ["--kind", service.kind, "--plugin-dir", str(plugin_dir),
+                     "--data-dir", str(self.home / "data" / service.name)]
+        else:
+            module = {"rs": "kernel.services.rs", "worker": "kernel.services.worker"}[service.kind]
+        child = processes.spawn(peer, module, args, env=env, log_path=self.run_dir / f"{peer}.log",
+                                memory_budget=self.options.memory_budget, started=time.monotonic())
+        inst = Instance(peer=peer, service=service, child=child, outbox=outbox, token=token,
+                        last_beat=time.monotonic())
+        self.instances[peer] = inst
+        self.sel.register(child.pidfd, selectors.EVENT_READ, ("exit", inst))
+        if activate:
+            service.active = inst
+            service.started = time.monotonic()
+        return inst
+
+    def shutdown(self) -> None:
+        self.stopping = True
+        for inst in list(self.instances.values()):
+            inst.outbox.discard()
+            try:
+                inst.outbox.socks[Lane.HIGH].send(protocol.encode(protocol.Stop()), block=False)
+            except pynng.NNGException:
+                pass
+        deadline = time.monotonic() + 3.0
+        for inst in list(self.instances.values()):
+            if inst.stopped:
+                processes.kill(inst.child, signal.SIGCONT)
+            try:
+                inst.child.popen.wait(max(0.05, deadline - time.monotonic()))
+            except Exception:
+                pass
+            processes.stop(inst.child, timeout=1.0)
+            self._forget(inst)
+        self.regions.clear()
+        self.inbox.close()
+        self.journal.close()
+
+    # ---------------------------------------------------------------- the loop
+
+    def call(self, fn, *args) -> Future:
+        """Run ``fn(*args)`` on the loop thread; the future holds its result."""
+        fut: Future = Future()
+        self._calls.put((fn, args, fut))
+        try:
+            os.write(self._wake_w, b"x")
+        except BlockingIOError:
+            pass
+        return fut
+
+    def run(self) -> None:
+        try:
+            while not self.stopping:
+                now = time.monotonic()
+                timeout = max(0.0, min(self.table.next_release(), now + 0.05) - now)
+                if self.pick_req is not None:
+                    timeout = min(timeout, max(0.0, self.pick_sent + PICK_TIMEOUT - now))
+                for key, _ in self.sel.select(timeout):
+                    what, obj = key.data
+                    if what == "exit":
+                        self._on_exit(obj)
+                    elif what == "wake":
+                        try:
+                            os.read(self._wake_r, 4096)
+                        except BlockingIOError:
+                            pass
+                self._pump()
+        finally:
+            self.shutdown()
+            self.stopped.set()
+
+    def _pump(self) -> None:
+        self._release_due()
+        self._drain_high()
+        for _ in range(2048):  # bounded, so calls and watchdogs below get their turn
+            self._fill(Lane.MEDIUM)
+            self._fill(Lane.LOW)
+            lane = Lane.MEDIUM if self.queues[Lane.MEDIUM] else Lane.LOW if self.queues[Lane.LOW] else None
+            if lane is None:
+                break
+            self._handle(lane, *self.queues[lane].popleft())
+            self._drain_high()
+            self._release_due()
+        while not self._calls.empty():
+            fn, args, fut = self._calls.get()
+            try:
+                result = fn(*args)
+            except BaseException as exc:
+                fut.set_exception(exc)
+            else:
+                fut.set_result(result)
+        self._watchdogs(time.monotonic())
+        for inst in self.instances.values():
+            if inst.outbox.backlog():
+                inst.outbox.flush()
+
+    def _drain_high(self) -> None:
+        while (msg := self.inbox.recv(Lane.HIGH)) is not None:
+            self._handle(Lane.HIGH, msg.bytes, msg.pipe.id)
+
+    def _fill(self, lane: Lane) -> None:
+        q = self.queues[lane]
+        for _ in range(256):
+            msg = self.inbox.recv(lane)
+            if msg is None:
+                return
+            if len(q) >= LANE_CAP:
+                self.lane_drops[lane] += 1
+                self._refuse_dropped(msg.bytes, msg.pipe.id)
+                continue
+            q.append((msg.bytes, msg.pipe.id))
+
+    def _refuse_dropped(self, data: bytes, pipe: int) -> None:
+        inst = self.pipes.get(pipe)
+        try:
+            msg = protocol.decode(data)
+        except msgspec.MsgspecError:
+            return
+        if inst and isinstance(msg, (protocol.KvPut, protocol.KvGet)):
+            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="dropped: kernel lane queue full"), Lane.LOW)
+
+    # ---------------------------------------------------------------- messages
+
+    def _handle(self, lane: Lane, data: bytes, pipe: int) -> None:
+        try:
+            msg = protocol.decode(data)
+        except msgspec.MsgspecError as exc:
+            self.counters["bad_messages"] += 1
+            self.counters["bad_" + ("oversized" if len(data) > protocol.MAX_MESSAGE_BYTES else "schema")] += 1
+            return
+        inst = self.pipes.get(pipe)
+        if isinstance(msg, protocol.Hello):
+            self._on_hello(msg, pipe, lane)
+            return
+        if inst is None:
+            self.counters["unauthenticated"] += 1
+            return
+        self.handled_seq += 1
+        self.lane_handled[lane] += 1
+        handler = self._handlers.get(type(msg))
+        if handler is None:
+            self.counters["unexpected_messages"] += 1
+            return
+        try:
+            handler(self, inst, msg, lane)
+        except Exception as exc:  # a peer's message must never take the kernel down
+            self.counters["handler_errors"] += 1
+            print(f"kernel: error handling {type(msg).__name__} from {inst.peer}: {exc!r}", file=sys.stderr)
+
+    def _on_hello(self, msg: protocol.Hello, pipe: int, lane: Lane) -> None:
+        inst = self.instances.get(msg.peer)
+        if inst is None or not secrets.compare_digest(inst.token, msg.token) or lane in inst.lanes:
+            self.counters["unauthenticated"] += 1
+            return
+        inst.lanes.add(lane)
+        self.pipes[pipe] = inst
+        inst.plugin, inst.plugin_version = msg.plugin, msg.plugin_version
+        inst.applied = msg.applied_seq
+        inst.last_beat = time.monotonic()
+        if inst.connected:
+            self._on_connected(inst)
+
+    def _on_connected(self, inst: Instance) -> None:
+        service = inst.service
+        if not inst.ready_future.done():
+            inst.ready_future.set_result(inst)
+        if service.active is not inst:
+            return  # a swap candidate: the swap decides what it gets
+        self._resume(service, inst)
+        if self.boot_tasks is not None and all(s.active and s.active.connected for s in self.services.values()):
+            tasks, self.boot_tasks = self.boot_tasks, None
+            now = time.monotonic()
+            for task in tasks:
+                self.add_task(task, now)
+
+    def _resume(self, service: Service, inst: Instance) -> None:
+        """Bring an active instance up to date: a scheduler gets the kernel's truth, any
+        other service the stream messages it has not applied."""
+        if service.kind == "scheduler":
+            state = self.truth_state()
+            self.request(inst, protocol.ImportState(req=0, state=state, applied_seq=service.seq), Lane.HIGH)
+            inst.applied = service.seq
+        else:
+            self._replay(service, inst)
+        if service.kind == "worker":
+            self._want_decision()
+        elif service.kind == "scheduler" and self.running is None and self.table.ready:
+            self._want_decision()
+
+    def _replay(self, service: Service, inst: Instance) -> None:
+        for seq, lane, data in service.replay:
+            if seq > inst.applied:
+                inst.outbox.send(data, lane)
+                self.counters["replayed"] += 1
+
+    def _on_heartbeat(self, inst, msg, lane):
+        inst.last_beat = time.monotonic()
+        self._ack(inst, msg.applied_seq)
+        inst.lost, inst.errors = msg.lost, msg.errors
+
+    def _ack(self, inst: Instance, applied: int) -> None:
+        inst.applied = max(inst.applied, applied)
+        service = inst.service
+        if service.active is inst:
+            while service.replay and service.replay[0][0] <= inst.applied:
+                service.replay.popleft()
+
+    def _on_picked(self, inst, msg, lane):
+        inst.last_beat = time.monotonic()
+        self._ack(inst, msg.applied_seq)
+        if msg.req != self.pick_req or inst.service.active is not inst:
+            self.counters["late_decisions"] += 1
+            return
+        self.pick_req = None
+        self._apply_decision(msg.job_id, self.pick_for)
+        if self.pick_dirty:
+            self.pick_dirty = False
+            self._want_decision()
+
+    def _on_reply(self, inst, msg, lane):
+        if isinstance(msg, (protocol.Done, protocol.Exported)):
+            self._ack(inst, msg.applied_seq)
+        fut, _ = self.requests.pop(msg.req, (None, None))
+        if fut is not None and not fut.done():
+            fut.set_result(msg)
+
+    def _on_job_done(self, inst, msg, lane):
+        if inst.job != msg.job_id:
+            self.counters["unexpected_messages"] += 1
+            return
+        now = time.monotonic()
+        inst.job = None
+        if inst.stopped:
+            # It finished just before the kernel stopped it to preempt (the JobDone was
+            # in flight): wake it, it holds nothing.
+            processes.kill(inst.child, signal.SIGCONT)
+            inst.stopped = False
+        record = self.table.finish(msg.job_id, now, msg.ok)
+        if self.running == msg.job_id:
+            self.running = None
+        if record is not None:
+            if now > record.job.deadline:
+                self._event("monitor", "deadline_miss", job=record.job.id, task=record.job.task,
+                            late_ms=round((now - record.job.deadline) * 1000, 3))
+            self._stream("scheduler", protocol.JobCompleted(seq=0, job=record.job))
+        if self.table.ready:
+            self._mark_waiting(now)
+        self._want_decision()
+
+    def _on_kv(self, inst, msg, lane):
+        if any(k.startswith(protocol.RESERVED_KEY_PREFIX) for k in _keys(msg)):
+            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="reserved key"), lane)
+            return
+        storage = self.services["storage"]
+        if storage.failed:
+            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="storage is in safe mode"), lane)
+            return
+        msg = msgspec.structs.replace(msg, origin=inst.peer)
+        if isinstance(msg, protocol.KvPut):
+            self._stream("storage", msg, lane)
+        elif storage.active and storage.active.connected:
+            self._send(storage.active, msg, lane)
+        else:
+            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="storage is restarting"), lane)
+
+    def _on_kv_result(self, inst, msg, lane):
+        if msg.origin.startswith("ctl:"):
+            fut, _ = self.requests.pop(int(msg.origin[4:]), (None, None))
+            if fut is not None and not fut.done():
+                fut.set_result(msg)
+            return
+        target = self.instances.get(msg.origin)
+        if target is not None:
+            self._send(target, msg, lane)
+        self.counters["kv_acks" if msg.ok else "kv_errors"] += 1
+
+    def _on_shm_alloc(self, inst, msg, lane):
+        try:
+            region = self.regions.allocate(inst.peer, msg.size, inst.child.memory_budget)
+            reply = protocol.ShmGranted(req=msg.req, name=region.name, size=region.size)
+        except (MemoryError, OSError) as exc:
+            reply = protocol.ShmGranted(req=msg.req, error=str(exc))
+        self._send(inst, reply, lane)
+
+    def _on_shm_free(self, inst, msg, lane):
+        if not self.regions.free(inst.peer, msg.name):
+            self.counters["unexpected_messages"] += 1
+
+    def _on_restart(self, inst, msg, lane):
+        if inst.service.kind != "rs":
+            self.counters["unauthorized"] += 1
+            return
+        service = self.services.get(msg.service)
+        if service is None or service.kind in ("rs", "worker"):
+            return
+        current = service.active
+        if current is not None and current.child.popen.poll() is None:
+            # hung: kill it; its exit comes back here through the pidfd as a failure
+            processes.kill(current.child)
+            return
+        if current is None or current.child.popen.poll() is not None:
+            service.restarts += 1
+            self.journal.append("service.restart", service=service.name, reason=msg.reason)
+            self.start_instance(service, activate=True)
+
+    def _on_give_up(self, inst, msg, lane):
+        if inst.service.kind != "rs":
+            self.counters["unauthorized"] += 1
+            return
+        service = self.services.get(msg.service)
+        if service is not None:
+            service.failed = True
+            service.last_failure = f"given up: {msg.reason}"
+            self.journal.append("service.failed", service=service.name, reason=msg.reason)
+
+    _handlers = {
+        protocol.Heartbeat: _on_heartbeat,
+        protocol.Picked: _on_picked,
+        protocol.Done: _on_reply,
+        protocol.Exported: _on_reply,
+        protocol.Pong: _on_reply,
+        protocol.MonitorReport: _on_reply,
+        protocol.JobDone: _on_job_done,
+        protocol.KvPut: _on_kv,
+        protocol.KvGet: _on_kv,
+        protocol.KvResult: _on_kv_result,
+        protocol.ShmAlloc: _on_shm_alloc,
+        protocol.ShmFree: _on_shm_free,
+        protocol.Restart: _on_restart,
+        protocol.GiveUp: _on_give_up,
+    }
+
+    # ---------------------------------------------------------------- sending
+
+    def _send(self, inst: Instance, msg, lane: Lane) -> None:
+        inst.outbox.send(protocol.encode(msg), lane)
+
+    def _stream(self, name: str, msg, lane: Lane = Lane.HIGH) -> None:
+        """Send a stream message to a service: numbered, kept for replay until the
+        service has applied it, delivered to whichever instance is active."""
+        service = self.services[name]
+        service.seq += 1
+        msg = msgspec.structs.replace(msg, seq=service.seq)
+        data = protocol.encode(msg)
+        service.replay.append((service.seq, lane, data))
+        if len(service.replay) > REPLAY_CAP:
+            service.replay.popleft()
+            service.replay_lost += 1
+        if service.active is not None and service.active.connected and not service.held:
+            service.active.outbox.send(data, lane)
+
+    def _event(self, to: str, kind: str, **data) -> None:
+        self._stream(to, protocol.Event(kind=kind, at=time.monotonic(), data=data),
+                     Lane.HIGH if to == "rs" else Lane.LOW)
+
+    def next_req(self) -> int:
+        self._req += 1
+        return self._req
+
+    def request(self, inst: Instance, msg, lane: Lane) -> Future:
+        """Send a request (its ``req`` is assigned here); the future gets the reply."""
+        msg = msgspec.structs.replace(msg, req=self.next_req())
+        fut: Future = Future()
+        self.requests[msg.req] = (fut, inst)
+        self._send(inst, msg, lane)
+        return fut
+
+    # ---------------------------------------------------------------- tasks & dispatch
+
+    def add_task(self, task: Task, now: float | None = None) -> None:
+        from kernel.services.worker import parse_action
+
+        parse_action(task.action)
+        self.table.add(task, time.monotonic() if now is None else now)
+        self._stream("scheduler", protocol.TaskAdded(seq=0, task=task))
+
+    def remove_task(self, name: str) -> int:
+        dropped = self.table.remove(name)
+        self._stream("scheduler", protocol.TaskRemoved(seq=0, name=name))
+        return len(dropped)
+
+    def _release_due(self) -> None:
+        now = time.monotonic()
+        if self.table.next_release() > now:
+            return
+        jobs = self.table.release_due(now)
+        for job in jobs:
+            self._stream("scheduler", protocol.JobReleased(seq=0, job=job))
+        if jobs:
+            if self.running is None:
+                self._mark_waiting(now)
+            self._want_decision(preempt_check=self.running is not None)
+
+    def _mark_waiting(self, now: float) -> None:
+        if self.wait_start is None:
+            self.wait_start = now
+
+    def _scheduler_usable(self) -> Instance | None:
+        sched = self.services["scheduler"]
+        inst = sched.active
+        if self.fallback_only or sched.failed or inst is None or not inst.connected:
+            return None
+        return inst
+
+    def _want_decision(self, preempt_check: bool = False) -> None:
+        if self.running is not None and not (preempt_check and self._idle_worker()):
+            return
+        if self.running is None and not self.table.ready:
+            return
+        inst = self._scheduler_usable()
+        if inst is None:
+            self._fallback_decide()
+            return
+        if self.pick_req is not None:
+            self.pick_dirty = True
+            return
+        running = self.table.ready[self.running].job if self.running else None
+        self.pick_for = self.running
+        self.pick_req = self.next_req()
+        self.pick_sent = time.monotonic()
+        self._send(inst, protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
+                                          now=self.pick_sent, running=running), Lane.HIGH)
+
+    def _fallback_decide(self) -> None:
+        self.counters["fallback_decisions"] += 1
+        if self.running is None:
+            job = self.table.fallback_pick()
+            if job is not None:
+                self._dispatch(job.id)
+            return
+        candidate = self.table.fallback_pick(running=self.running)
+        current = self.table.ready[self.running].job
+        if candidate is not None and fallback_key(candidate) < fallback_key(current) and self._idle_worker():
+            self._preempt(candidate.id)
+
+    def _apply_decision(self, job_id: str | None, asked_about: str | None) -> None:
+        """Act on the scheduler's answer to the question asked while ``asked_about``
+        was running (None: "what runs now?"; a job: "does anything preempt it?")."""
+        record = self.table.ready.get(job_id) if job_id else None
+        valid = record is not None and job_id != self.running
+        if self.running is None:
+            if valid:
+                self._dispatch(job_id)
+            elif asked_about is not None:
+                self._want_decision()  # the running job finished meanwhile: ask the right question
+            elif self.table.ready:
+                # Work-conserving: a ready job never waits because the scheduler said
+                # something the kernel cannot do.
+                self.counters["decisions_overruled"] += 1
+                self._fallback_decide()
+        elif valid:
+            if self.running == asked_about and self._idle_worker():
+                self._preempt(job_id)
+            else:
+                # The scheduler took ``job_id`` off its queue for a decision that no
+                # longer applies (the fallback dispatched meanwhile): give it back.
+                self.counters["decisions_stale"] += 1
+                self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
+
+    def _idle_worker(self) -> Instance | None:
+        for service in self.services.values():
+            inst = service.active
+            if service.kind == "worker" and inst and inst.connected and inst.job is None:
+                return inst
+        return None
+
+    def _dispatch(self, job_id: str) -> None:
+        now = time.monotonic()
+        record = self.table.ready[job_id]
+        if record.worker is not None:  # preempted earlier: continue it where it stopped
+            inst = self.instances.get(record.worker)
+            if inst is None:
+                return
+            processes.kill(inst.child, signal.SIGCONT)
+            inst.stopped = False
+            self.counters["resumed"] += 1
+        else:
+            inst = self._idle_worker()
+            if inst is None:
+                return
+            record.worker, record.started, inst.job = inst.peer, now, job_id
+            self._send(inst, protocol.RunJob(job=record.job, action=self.table.tasks[record.job.task].task.action
+                                             if record.job.task in self.table.tasks else "noop"), Lane.HIGH)
+        self.running = job_id
+        self.counters["dispatched"] += 1
+        if self.wait_start is not None:
+            gap = now - self.wait_start
+            self.gaps.append((now, gap))
+            self.max_gap = max(self.max_gap, gap)
+            self.wait_start = None
+
+    def _preempt(self, job_id: str) -> None:
+        current = self.table.ready[self.running]
+        inst = self.instances.get(current.worker)
+        if inst is not None:
+            processes.kill(inst.child, signal.SIGSTOP)
+            inst.stopped = True
+        self.counters["preemptions"] += 1
+        self.running = None
+        self.wait_start = time.monotonic()
+        self._dispatch(job_id)
+
+    def truth_state(self) -> SchedulerState:
+        """The scheduler state the kernel can vouch for: every task, every ready job
+        (including a preempted one, excluding the running one) in fallback order."""
+        ready = sorted((r.job for r in self.table.ready.values() if r.job.id != self.running), key=fallback_key)
+        return SchedulerState(kind="kernel", tasks=[r.task for r in self.table.tasks.values()], ready=ready)
+
+    # ---------------------------------------------------------------- failures
+
+    def _on_exit(self, inst: Instance) -> None:
+        if inst.child.popen.poll() is None:
+            return
+        self.sel.unregister(inst.child.pidfd)
+        code = processes.reap(inst.child)
+        self._gone(inst, f"exit status {code}: {processes.last_line(inst.child.log_path)}"[:300])
+
+    def _gone(self, inst: Instance, reason: str) -> None:
+        service = inst.service
+        self._forget(inst)
+        if not inst.ready_future.done():
+            inst.ready_future.set_exception(RuntimeError(f"{inst.peer} exited before it was ready ({reason})"))
+        for req, (fut, owner) in list(self.requests.items()):
+            if owner is inst:
+                del self.requests[req]
+                fut.set_exception(RuntimeError(f"{inst.peer} exited ({reason})"))
+        if self.stopping or service.active is not inst:
+            return
+        service.active = None
+        service.last_failure = reason
+        self.counters["service_failures"] += 1
+        if service.kind == "worker":
+            self._worker_lost(inst, service)
+        elif service.kind == "rs":
+            # The kernel supervises the reincarnation server itself.
+            service.restarts += 1
+            self.start_instance(service, activate=True)
+        else:
+            if service.kind == "scheduler" and self.pick_req is not None:
+                self.pick_req = None
+                self._fallback_decide()
+            self._event("rs", "service_down", service=service.name, reason=reason)
+
+    def _worker_lost(self, inst: Instance, service: Service) -> None:
+        if inst.job is not None:
+            record = self.table.ready.get(inst.job)
+            if record is not None:
+                record.worker = record.started = None
+                self.counters["redispatched"] += 1
+                self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
+            if self.running == inst.job:
+                self.running = None
+                self._mark_waiting(time.monotonic())
+        service.restarts += 1
+        self.start_instance(service, activate=True)
+
+    def _forget(self, inst: Instance) -> None:
+        self.instances.pop(inst.peer, None)
+        for pipe in [p for p, i in self.pipes.items() if i is inst]:
+            del self.pipes[pipe]
+        inst.outbox.close()
+        self.regions.reclaim(inst.peer)
+        for path in self.run_dir.glob(f"{inst.peer}.?"):
+            path.unlink(missing_ok=True)
+
+    def _watchdogs(self, now: float) -> None:
+        if self.pick_req is not None and now - self.pick_sent > PICK_TIMEOUT:
+            sched = self.services["scheduler"].active
+            if now - self.pick_sent > EJECT_AFTER and sched is not None:
+                self.counters["scheduler_ejected"] += 1
+                self.journal.append("scheduler.eject", peer=sched.peer, reason=f"no decision for {EJECT_AFTER}s")
+                processes.kill(sched.child)
+                self.pick_req = None
+            elif not self.pick_dirty:
+                # Keep dispatching with the fallback while the answer is late; the
+                # pick stays outstanding so a scheduler that never answers is ejected.
+                self.counters["pick_timeouts"] += 1
+                self.pick_dirty = True
+                saved, self.pick_req = self.pick_req, None
+                self._fallback_decide()
+                self.pick_req = saved
+        hung_after = self.options.heartbeat * self.options.hung_after
+        for inst in list(self.instances.values()):
+            service = inst.service
+            if service.active is not inst or not inst.connected or inst.job is not None:
+                continue
+            if now - inst.last_beat > max(hung_after, 0.05):
+                inst.last_beat = now  # report once
+                self.counters["hangs"] += 1
+                if service.kind in ("worker", "rs"):
+                    processes.kill(inst.child)
+                else:
+                    self._event("rs", "service_hung", service=service.name,
+                                reason=f"no heartbeat for {hung_after:.2f}s")
+        for inst in list(self.instances.values()):
+            if inst.job is not None and not inst.stopped:
+                record = self.table.ready.get(inst.job)
+                if record and record.started and now - record.started > max(JOB_KILL_FLOOR, record.job.budget_ms / 50):
+                    self.counters["jobs_killed"] += 1
+                    processes.kill(inst.child)
+
+    # ---------------------------------------------------------------- reporting
+
+    def status(self) -> dict:
+        now = time.monotonic()
+        services = []
+        for service in self.services.values():
+            inst = service.active
+            services.append({
+                "name": service.name, "kind": service.kind,
+                "pid": inst.child.pid if inst else None,
+                "peer": inst.peer if inst else None,
+                "state": "failed" if service.failed else ("up" if inst and inst.connected else "down"),
+                "plugin": (inst.plugin if inst and inst.plugin else service.plugin),
+                "version": inst.plugin_version if inst else "",
+                "uptime_s": round(now - service.started, 1) if inst else 0.0,
+                "restarts": service.restarts, "incarnation": service.incarnations,
+                "memory_budget": inst.child.memory_budget if inst else self.options.memory_budget,
+                "memory_rss": processes.rss_bytes(inst.child.pid) if inst else 0,
+                "shm_bytes": self.regions.bytes_of(inst.peer) if inst else 0,
+                "last_failure": service.last_failure,
+                "stream_seq": service.seq, "applied_seq": inst.applied if inst else 0,
+                "replay_backlog": len(service.replay), "lost": (inst.lost if inst else 0) + service.replay_lost,
+                "plugin_errors": inst.errors if inst else 0,
+            })
+        lanes = {}
+        for lane in ipc.LANES:
+            lanes[lane.name] = {
+                "queued": len(self.queues.get(lane, ())),
+                "outbound_buffered": sum(len(i.outbox.pending[lane]) for i in self.instances.values()),
+                "handled": self.lane_handled[lane],
+                "dropped": self.lane_drops[lane] + sum(i.outbox.drops[lane] for i in self.instances.values()),
+            }
+        totals = self.table.totals.summary()
+        recent_gaps = [g for t, g in self.gaps if now - t < 10]
+        return {
+            "kernel": {"pid": os.getpid(), "version": KERNEL_VERSION, "uptime_s": round(now - self.started, 1),
+                       "run_dir": str(self.run_dir), "home": str(self.home)},
+            "services": services,
+            "lanes": lanes,
+            "tasks": {"count": len(self.table.tasks), "ready": len(self.table.ready), "running": self.running,
+                      **totals, "dispatch_gap_max_ms": round(self.max_gap * 1000, 3),
+                      "dispatch_gap_recent_max_ms": round(max(recent_gaps, default=0) * 1000, 3)},
+            "memory": {"regions": len(self.regions.regions), "region_bytes": sum(r.size for r in self.regions.regions.values()),
+                       "reclaimed": self.regions.reclaimed},
+            "counters": dict(self.counters),
+            "journal_problems": self.journal.problems,
+        }
+
+    def task_list(self) -> list[dict]:
+        return [{"name": r.task.name, "period_ms": r.task.period_ms, "deadline_ms": r.task.deadline_ms,
+                 "budget_ms": r.task.budget_ms, "priority": r.task.priority, "action": r.task.action,
+                 **r.stats.summary()} for r in self.table.tasks.values()]
+
+
+def _keys(msg) -> list[str]:
+    return [k for k, _ in msg.writes] if isinstance(msg, protocol.KvPut) else [msg.key]
+

@@ -1,0 +1,117 @@
+"""How the CLI shows things: rich tables on a terminal, plain text otherwise (rich
+degrades by itself when stdout is not a TTY)."""
+
+from __future__ import annotations
+
+import datetime
+import time
+
+from rich.console import Console, Group
+from rich.table import Table
+
+console = Console()
+
+
+def _mib(n: int) -> str:
+    return f"{n / (1 << 20):.0f} MiB" if n else "-"
+
+
+def services_table(status: dict) -> Table:
+    t = Table(title="Services", title_justify="left")
+    for col in ("service", "state", "pid", "plugin", "uptime", "restarts", "incarnation", "memory (rss/budget)", "shm", "last failure"):
+        t.add_column(col)
+    for s in status["services"]:
+        state = s["state"]
+        style = {"up": "green", "down": "yellow", "failed": "red"}.get(state, "")
+        plugin = f"{s['plugin']} {s['version']}".strip() or "-"
+        t.add_row(s["name"], f"[{style}]{state}[/]", str(s["pid"] or "-"), plugin, f"{s['uptime_s']:.0f}s",
+                  str(s["restarts"]), str(s["incarnation"]), f"{_mib(s['memory_rss'])} / {_mib(s['memory_budget'])}",
+                  _mib(s["shm_bytes"]), (s["last_failure"] or "")[:60])
+    return t
+
+
+def lanes_table(status: dict) -> Table:
+    t = Table(title="IPC lanes", title_justify="left")
+    for col in ("lane", "queued in", "buffered out", "handled", "dropped"):
+        t.add_column(col)
+    for name, lane in status["lanes"].items():
+        t.add_row(name, str(lane["queued"]), str(lane["outbound_buffered"]), str(lane["handled"]), str(lane["dropped"]))
+    return t
+
+
+def tasks_summary(status: dict) -> Table:
+    tasks = status["tasks"]
+    t = Table(title="Tasks", title_justify="left")
+    for col in ("tasks", "released", "completed", "ready", "missed", "skipped", "resp p50", "resp p99", "resp max", "dispatch gap max"):
+        t.add_column(col)
+    t.add_row(str(tasks["count"]), str(tasks["released"]), str(tasks["completed"]), str(tasks["ready"]),
+              str(tasks["missed"]), str(tasks["skipped"]), f"{tasks['response_p50_ms']} ms",
+              f"{tasks['response_p99_ms']} ms", f"{tasks['response_max_ms']} ms", f"{tasks['dispatch_gap_max_ms']} ms")
+    return t
+
+
+def status_renderable(status: dict) -> Group:
+    k = status["kernel"]
+    mem = status["memory"]
+    head = (f"kernel pid {k['pid']} v{k['version']}, up {k['uptime_s']:.0f}s; shared memory: {mem['regions']} regions, "
+            f"{_mib(mem['region_bytes'])}, {mem['reclaimed']} reclaimed")
+    return Group(head, services_table(status), lanes_table(status), tasks_summary(status))
+
+
+def print_status(status: dict) -> None:
+    console.print(status_renderable(status))
+
+
+def print_tasks(data: dict) -> None:
+    t = Table(title="Tasks", title_justify="left")
+    for col in ("name", "period", "deadline", "budget", "prio", "action", "released", "completed", "missed", "skipped", "resp p50", "resp p99", "resp max"):
+        t.add_column(col)
+    for r in data["tasks"]:
+        t.add_row(r["name"], f"{r['period_ms']:g}", f"{r['deadline_ms']:g}", f"{r['budget_ms']:g}", str(r["priority"]),
+                  r["action"], str(r["released"]), str(r["completed"]), str(r["missed"]), str(r["skipped"]),
+                  f"{r['response_p50_ms']}", f"{r['response_p99_ms']}", f"{r['response_max_ms']}")
+    console.print(t)
+    if data.get("recent"):
+        j = Table(title="Last jobs (times: kernel monotonic seconds)", title_justify="left")
+        for col in ("job", "release", "start", "finish", "response ms", "missed", "ok"):
+            j.add_column(col)
+        for r in data["recent"][-10:]:
+            j.add_row(r["job"], f"{r['release']:.4f}", f"{r['start']:.4f}" if r["start"] else "-", f"{r['finish']:.4f}",
+                      str(r["response_ms"]), "yes" if r["missed"] else "no", "yes" if r["ok"] else "no")
+        console.print(j)
+
+
+def print_swap(data: dict) -> None:
+    if data["committed"]:
+        console.print(f"[green]Swapped[/] {data['service']}: {data['previous']} -> {data['plugin']} in {data['duration_ms']} ms; "
+                      f"longest dispatch gap {data['max_dispatch_gap_ms']} ms, jobs lost {data['jobs_lost']}, "
+                      f"messages lost {data['messages_lost']}.")
+    else:
+        console.print(f"[red]Swap rolled back[/] at step {data['step']}: {data['reason']}. "
+                      f"{data['service']} still runs {data['plugin']}; jobs lost {data['jobs_lost']}.")
+
+
+def print_log(data: dict) -> None:
+    t = Table(title="Journal", title_justify="left")
+    for col in ("seq", "time", "operation", "details"):
+        t.add_column(col)
+    for r in data["records"]:
+        when = datetime.datetime.fromtimestamp(r["at"]).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+        details = ", ".join(f"{k}={v}" for k, v in r["data"].items())
+        t.add_row(str(r["seq"]), when, r["op"], details)
+    console.print(t)
+    for p in data.get("problems", []):
+        console.print(f"[yellow]warning:[/] {p}")
+
+
+def watch(home, period: float = 1.0) -> None:
+    """Refresh the status until interrupted."""
+    from rich.live import Live
+
+    from kernel import protocol
+    from lugh_sdk.client import KernelClient
+
+    with KernelClient(home) as client, Live(console=console, refresh_per_second=2) as live:
+        while True:
+            live.update(status_renderable(client.request(protocol.StatusReq())))
+            time.sleep(period)
