@@ -93,6 +93,10 @@ class ControlServer:
             return self._ping(req)
         if isinstance(req, protocol.KvReq):
             return self._kv(req)
+        if isinstance(req, protocol.AttachReq):
+            return call(kernel.attach_client, req.name)
+        if isinstance(req, protocol.DetachReq):
+            return call(kernel.detach_client, req.peer)
         if isinstance(req, protocol.ShutdownReq):
             kernel.call(setattr, kernel, "stopping", True)
             return {"stopping": True}

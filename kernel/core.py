@@ -71,7 +71,7 @@ class Instance:
     """One process: an incarnation of a service, or a worker."""
     peer: str
     service: "Service"
-    child: processes.Child
+    child: processes.Child | None  # None for an attached client: not ours to supervise
     outbox: ipc.Outbox
     token: str
     lanes: set = field(default_factory=set)
@@ -129,6 +129,8 @@ class Kernel:
         self.pipes: dict[int, Instance] = {}
         self.instances: dict[str, Instance] = {}
         self.services: dict[str, Service] = {}
+        self.clients: dict[str, Service] = {}
+        self._clients = 0
         self.queues = {Lane.MEDIUM: collections.deque(), Lane.LOW: collections.deque()}
         self.counters = collections.Counter()
         self.lane_drops = {lane: 0 for lane in ipc.LANES}
@@ -224,6 +226,24 @@ class Kernel:
             service.started = time.monotonic()
         return inst
 
+    def attach_client(self, name: str) -> dict:
+        self._clients += 1
+        service = Service(name=f"c{self._clients}{name}"[:24], kind="client")
+        peer = service.name
+        inst = Instance(peer=peer, service=service, child=None, outbox=ipc.Outbox(self.run_dir, peer, cap=LANE_CAP),
+                        token=secrets.token_hex(16), last_beat=time.monotonic())
+        service.active = inst
+        self.clients[peer] = service
+        self.instances[peer] = inst
+        return {"peer": peer, "token": inst.token, "run_dir": str(self.run_dir)}
+
+    def detach_client(self, peer: str) -> dict:
+        service = self.clients.pop(peer, None)
+        if service is None:
+            raise KeyError(peer)
+        self._forget(service.active)
+        return {"detached": peer}
+
     def shutdown(self) -> None:
         self.stopping = True
         for inst in list(self.instances.values()):
@@ -234,6 +254,9 @@ class Kernel:
                 pass
         deadline = time.monotonic() + 3.0
         for inst in list(self.instances.values()):
+            if inst.child is None:
+                self._forget(inst)
+                continue
             if inst.stopped:
                 processes.kill(inst.child, signal.SIGCONT)
             try:
@@ -434,6 +457,9 @@ class Kernel:
         if fut is not None and not fut.done():
             fut.set_result(msg)
 
+    def _on_ping(self, inst, msg, lane):
+        self._send(inst, protocol.Pong(req=msg.req, payload=msg.payload, order=self.handled_seq), lane)
+
     def _on_job_done(self, inst, msg, lane):
         if inst.job != msg.job_id:
             self.counters["unexpected_messages"] += 1
@@ -486,7 +512,8 @@ class Kernel:
 
     def _on_shm_alloc(self, inst, msg, lane):
         try:
-            region = self.regions.allocate(inst.peer, msg.size, inst.child.memory_budget)
+            budget = inst.child.memory_budget if inst.child else self.options.memory_budget
+            region = self.regions.allocate(inst.peer, msg.size, budget)
             reply = protocol.ShmGranted(req=msg.req, name=region.name, size=region.size)
         except (MemoryError, OSError) as exc:
             reply = protocol.ShmGranted(req=msg.req, error=str(exc))
@@ -529,6 +556,7 @@ class Kernel:
         protocol.Done: _on_reply,
         protocol.Exported: _on_reply,
         protocol.Pong: _on_reply,
+        protocol.Ping: _on_ping,
         protocol.MonitorReport: _on_reply,
         protocol.JobDone: _on_job_done,
         protocol.KvPut: _on_kv,
@@ -792,7 +820,7 @@ class Kernel:
         hung_after = self.options.heartbeat * self.options.hung_after
         for inst in list(self.instances.values()):
             service = inst.service
-            if service.active is not inst or not inst.connected or inst.job is not None:
+            if service.active is not inst or not inst.connected or inst.job is not None or inst.child is None:
                 continue
             if now - inst.last_beat > max(hung_after, 0.05):
                 inst.last_beat = now  # report once
@@ -854,6 +882,7 @@ class Kernel:
             "memory": {"regions": len(self.regions.regions), "region_bytes": sum(r.size for r in self.regions.regions.values()),
                        "reclaimed": self.regions.reclaimed},
             "counters": dict(self.counters),
+            "clients": len(self.clients),
             "journal_problems": self.journal.problems,
         }
 

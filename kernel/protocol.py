@@ -87,6 +87,7 @@ class Done(_M, tag="done"):
 class Pong(_M, tag="pong"):
     req: int
     payload: bytes = b""
+    order: int = 0  # from the kernel: its count of messages handled when it handled the ping
 
 
 class JobDone(_M, tag="jobdone"):
@@ -285,8 +286,18 @@ class ShutdownReq(_R, tag="down"):
     pass
 
 
+class AttachReq(_R, tag="attach"):
+    """Attach an external client (a gateway, a test, a benchmark) to the lanes: the reply
+    gives the peer id and token for :class:`kernel.ipc.PeerLink`."""
+    name: Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9]{0,15}$")]
+
+
+class DetachReq(_R, tag="detach"):
+    peer: PeerId
+
+
 Request = Union[StatusReq, TaskAddReq, TaskRemoveReq, TaskListReq, SwapReq, LogReq,
-                PingServiceReq, KvReq, ShutdownReq]
+                PingServiceReq, KvReq, ShutdownReq, AttachReq, DetachReq]
 
 
 class ReplyBase(msgspec.Struct, tag_field="kind", kw_only=True):

@@ -74,3 +74,17 @@ class KernelClient:
 
     def __exit__(self, *exc):
         self.close()
+
+
+def attach(client: KernelClient, name: str):
+    """Attach to the kernel's lanes as an external client; returns a connected
+    :class:`kernel.ipc.PeerLink` (close it, then ``detach``)."""
+    from kernel.ipc import PeerLink
+
+    grant = client.request(protocol.AttachReq(name=name))
+    return PeerLink(Path(grant["run_dir"]), grant["peer"], grant["token"])
+
+
+def detach(client: KernelClient, link) -> None:
+    link.close()
+    client.request(protocol.DetachReq(peer=link.peer))

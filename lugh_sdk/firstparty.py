@@ -7,6 +7,7 @@ service host). A plugin whose sources changed since its last install is rebuilt.
 from __future__ import annotations
 
 import hashlib
+import os
 import json
 import subprocess
 import sys
@@ -42,6 +43,27 @@ def build_wheel(project: Path, out_dir: Path) -> Path:
     return out_dir / proc.stdout.strip().splitlines()[-1]
 
 
+def cache_dir() -> Path:
+    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
+    return Path(base) / "lugh" / "wheels"
+
+
+def cached_wheel(project: Path, digest: str) -> Path:
+    """The wheel built from ``project`` at ``digest``, built once per source state."""
+    slot = cache_dir() / f"{project.name}-{digest[:16]}"
+    wheels = list(slot.glob("*.whl")) if slot.is_dir() else []
+    if wheels:
+        return wheels[0]
+    slot.parent.mkdir(parents=True, exist_ok=True)
+    with tempfile.TemporaryDirectory(dir=slot.parent) as tmp:
+        wheel = build_wheel(project, Path(tmp))
+        try:
+            Path(tmp).rename(slot)  # atomic: a concurrent builder's result is as good
+        except OSError:
+            pass
+    return next(slot.glob("*.whl"))
+
+
 def ensure_installed(home: Path, names=FIRST_PARTY) -> list[str]:
     """Install (or refresh) the first-party plugins; returns those (re)installed."""
     store = plugin_store.plugins_dir(home)
@@ -54,9 +76,7 @@ def ensure_installed(home: Path, names=FIRST_PARTY) -> list[str]:
         digest = source_digest(project)
         if index.get(name) == digest and name in plugin_store.installed(home):
             continue
-        with tempfile.TemporaryDirectory() as tmp:
-            wheel = build_wheel(project, Path(tmp))
-            plugin_store.install_wheel(home, wheel, replace=True)
+        plugin_store.install_wheel(home, cached_wheel(project, digest), replace=True)
         index[name] = digest
         changed.append(name)
     index_path.write_text(json.dumps(index, indent=2))

@@ -1,0 +1,3 @@
+from lugh_sdk.cli import main
+
+main()
