@@ -135,6 +135,7 @@ class TaskTable:
             stats.missed += 1 if missed else 0
             stats.responses_ms.append(response_ms)
             stats.max_response_ms = max(stats.max_response_ms, response_ms)
-        self.recent.append({"job": job_id, "release": record.job.release, "start": record.started,
-                            "finish": now, "response_ms": round(response_ms, 3), "missed": missed, "ok": ok})
+        self.recent.append({"job": job_id, "worker": record.worker, "release": record.job.release,
+                            "start": record.started, "finish": now, "response_ms": round(response_ms, 3),
+                            "missed": missed, "ok": ok})
         return record
