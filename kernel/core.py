@@ -142,6 +142,7 @@ class Kernel:
         self.pick_req: int | None = None
         self.pick_sent = 0.0
         self.pick_dirty = False
+        self.pick_late = False  # the pick is past PICK_TIMEOUT: the fallback decides until it is answered
         self.pick_for: str | None = None  # the running job when the pick was asked
         self.fallback_only = False  # set while a swap has quiesced the scheduler
         self.swapping: str | None = None  # id of the swap in progress
@@ -286,8 +287,9 @@ class Kernel:
             while not self.stopping:
                 now = time.monotonic()
                 timeout = max(0.0, min(self.table.next_release(), now + 0.05) - now)
-                if self.pick_req is not None:
-                    timeout = min(timeout, max(0.0, self.pick_sent + PICK_TIMEOUT - now))
+                if self.pick_req is not None:  # wake when the pick is late, then when it is due for ejection
+                    due = self.pick_sent + (EJECT_AFTER if self.pick_late else PICK_TIMEOUT)
+                    timeout = min(timeout, max(0.0, due - now))
                 for key, _ in self.sel.select(timeout):
                     what, obj = key.data
                     if what == "exit":
@@ -355,11 +357,16 @@ class Kernel:
     # ---------------------------------------------------------------- messages
 
     def _handle(self, lane: Lane, data: bytes, pipe: int) -> None:
-        try:
-            msg = protocol.decode(data)
-        except msgspec.MsgspecError as exc:
+        oversized = len(data) > protocol.MAX_MESSAGE_BYTES  # refused even if it would decode
+        msg = None
+        if not oversized:
+            try:
+                msg = protocol.decode(data)
+            except msgspec.MsgspecError:
+                pass
+        if msg is None:
             self.counters["bad_messages"] += 1
-            self.counters["bad_" + ("oversized" if len(data) > protocol.MAX_MESSAGE_BYTES else "schema")] += 1
+            self.counters["bad_" + ("oversized" if oversized else "schema")] += 1
             return
         inst = self.pipes.get(pipe)
         if isinstance(msg, protocol.Hello):
@@ -651,11 +658,14 @@ class Kernel:
             return
         if self.pick_req is not None:
             self.pick_dirty = True
+            if self.pick_late:  # the scheduler is stalled: dispatching does not wait for it
+                self._fallback_decide()
             return
         running = self.table.ready[self.running].job if self.running else None
         self.pick_for = self.running
         self.pick_req = self.next_req()
         self.pick_sent = time.monotonic()
+        self.pick_late = False
         self._send(inst, protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
                                           now=self.pick_sent, running=running), Lane.HIGH)
 
@@ -808,12 +818,15 @@ class Kernel:
                 self.counters["scheduler_ejected"] += 1
                 self.journal.append("scheduler.eject", peer=sched.peer, reason=f"no decision for {EJECT_AFTER}s")
                 processes.kill(sched.child)
+                sched.last_beat = now  # ejected: its exit reaches the RS, not also a hang report
                 self.pick_req = None
-            elif not self.pick_dirty:
-                # Keep dispatching with the fallback while the answer is late; the
-                # pick stays outstanding so a scheduler that never answers is ejected.
+                self._fallback_decide()  # no event may come to ask (e.g. every task at its backlog cap)
+            elif not self.pick_late:
+                # Keep dispatching with the fallback while the answer is late (here, then
+                # in _want_decision on every event); the pick stays outstanding so a
+                # scheduler that never answers is ejected.
                 self.counters["pick_timeouts"] += 1
-                self.pick_dirty = True
+                self.pick_late = self.pick_dirty = True
                 saved, self.pick_req = self.pick_req, None
                 self._fallback_decide()
                 self.pick_req = saved
@@ -822,6 +835,8 @@ class Kernel:
             service = inst.service
             if service.active is not inst or not inst.connected or inst.job is not None or inst.child is None:
                 continue
+            if service.kind == "scheduler" and self.pick_req is not None:
+                continue  # silent with a decision owed: the pick watchdog above ejects it
             if now - inst.last_beat > max(hung_after, 0.05):
                 inst.last_beat = now  # report once
                 self.counters["hangs"] += 1

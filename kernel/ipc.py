@@ -33,6 +33,11 @@ LANE_SUFFIX = {Lane.HIGH: "h", Lane.MEDIUM: "m", Lane.LOW: "l"}
 LANES = (Lane.HIGH, Lane.MEDIUM, Lane.LOW)
 SEND_TIMEOUT_MS = 1000
 NNG_SEND_BUFFER = 256
+# The kernel's inbound sockets read messages up to this size, so that one somewhat over
+# MAX_MESSAGE_BYTES reaches the kernel, which refuses and counts it (``bad_oversized``).
+# NNG closes, unread, a pipe whose message announces more than its socket's recv_max_size
+# (nothing is counted then, and the sender's socket redials on a new, unauthenticated pipe).
+INBOUND_RECV_MAX = 4 * MAX_MESSAGE_BYTES
 
 
 def address(run_dir: Path, name: str, lane: Lane) -> str:
@@ -46,14 +51,14 @@ def _lock_down(addr: str) -> None:
         os.chmod(path, 0o600)
 
 
-def _configure(sock: pynng.Socket) -> pynng.Socket:
-    sock.recv_max_size = MAX_MESSAGE_BYTES
+def _configure(sock: pynng.Socket, recv_max: int = MAX_MESSAGE_BYTES) -> pynng.Socket:
+    sock.recv_max_size = recv_max
     sock.send_timeout = SEND_TIMEOUT_MS
     return sock
 
 
-def listen(sock_type, addr: str) -> pynng.Socket:
-    sock = _configure(sock_type())
+def listen(sock_type, addr: str, recv_max: int = MAX_MESSAGE_BYTES) -> pynng.Socket:
+    sock = _configure(sock_type(), recv_max)
     sock.listen(addr)
     _lock_down(addr)
     return sock
@@ -84,6 +89,10 @@ class PeerLink:
     def __init__(self, run_dir: Path, peer: str, token: str, **hello):
         self.peer = peer
         self._out = {lane: dial(pynng.Push0, address(run_dir, "k", lane)) for lane in LANES}
+        for sock in self._out.values():
+            # Without a buffer a non-blocking send is refused while the pipe still writes
+            # the previous message: a burst (a storage batch's acks) would lose all but one.
+            sock.send_buffer_size = NNG_SEND_BUFFER
         self._in = {lane: dial(pynng.Pull0, address(run_dir, peer, lane)) for lane in LANES}
         self._sel = selectors.DefaultSelector()
         for lane, sock in self._in.items():
@@ -135,7 +144,7 @@ class Inbox:
     the peer that said Hello on it."""
 
     def __init__(self, run_dir: Path):
-        self.socks = {lane: listen(pynng.Pull0, address(run_dir, "k", lane)) for lane in LANES}
+        self.socks = {lane: listen(pynng.Pull0, address(run_dir, "k", lane), INBOUND_RECV_MAX) for lane in LANES}
 
     def fds(self):
         return {lane: sock.recv_fd for lane, sock in self.socks.items()}

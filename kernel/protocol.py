@@ -25,7 +25,7 @@ import msgspec
 
 from lugh_sdk.api.types import Job, Name, SchedulerState, Task
 
-MAX_MESSAGE_BYTES = 1 << 20  # every socket's recv_max_size; bulk data goes through shm
+MAX_MESSAGE_BYTES = 1 << 20  # every socket's recv_max_size (see ipc.INBOUND_RECV_MAX); bulk data goes through shm
 MAX_KEY = 1024
 MAX_VALUE = 256 * 1024
 RESERVED_KEY_PREFIX = ".lugh/"  # the storage service's own bookkeeping; refused from clients
@@ -234,9 +234,18 @@ _msg_decoder = msgspec.msgpack.Decoder(Msg)
 encode = _encoder.encode
 
 
+def _decode(decoder: msgspec.msgpack.Decoder, data: bytes):
+    try:
+        return decoder.decode(data)
+    except (UnicodeDecodeError, RecursionError) as exc:
+        # msgspec lets these through (invalid UTF-8 in a str, nesting too deep in an Any
+        # field); they are malformed messages like any other, never a crash.
+        raise msgspec.DecodeError(f"malformed message: {exc}") from None
+
+
 def decode(data: bytes) -> Msg:
     """Decode a lane message; raises msgspec.DecodeError/ValidationError when bad."""
-    return _msg_decoder.decode(data)
+    return _decode(_msg_decoder, data)
 
 
 # --- control channel (CLI <-> kernel) ------------------------------------------------
@@ -319,8 +328,8 @@ _reply_decoder = msgspec.msgpack.Decoder(Reply)
 
 
 def decode_request(data: bytes) -> Request:
-    return _request_decoder.decode(data)
+    return _decode(_request_decoder, data)
 
 
 def decode_reply(data: bytes) -> Reply:
-    return _reply_decoder.decode(data)
+    return _decode(_reply_decoder, data)

@@ -29,7 +29,7 @@ def _home(home: Optional[Path]) -> Path:
 
 
 def _check_target(target: str) -> None:
-    from lugh_sdk.client import LughError
+    from lugh_sdk.errors import LughError
 
     if target != "local":
         raise LughError(f"unknown target {target!r}: only the local machine ('local') is available yet")
@@ -188,7 +188,7 @@ def demo(
 
 
 def main() -> None:
-    from lugh_sdk.client import LughError
+    from lugh_sdk.errors import LughError
 
     try:
         app()

@@ -10,12 +10,7 @@ import pynng
 from kernel import paths, protocol
 
 
-class LughError(Exception):
-    """A user-facing error: the CLI prints the message, no traceback."""
-
-
-class NotRunning(LughError):
-    pass
+from lugh_sdk.errors import LughError, NotRunning  # noqa: F401  (re-exported)
 
 
 class KernelClient:
