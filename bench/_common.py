@@ -96,15 +96,18 @@ def _raise_on_sigterm() -> None:
 
 
 @contextmanager
-def temporary_kernel(workload: str = "none", **up_options):
+def temporary_kernel(workload: str = "none", prepare=None, **up_options):
     """Boot a kernel under a new temporary LUGH_HOME; take it down and remove the home
-    (and a runtime directory placed outside it) on the way out."""
+    (and a runtime directory placed outside it) on the way out. ``prepare(home)`` runs
+    before the boot (e.g. to write supervision.toml)."""
     _raise_on_sigterm()
     home = Path(tempfile.mkdtemp(prefix="lugh-bench-"))
     os.environ["LUGH_HOME"] = str(home)
     client = None
     try:
         progress(f"booting a kernel (workload {workload}) under {home}")
+        if prepare is not None:
+            prepare(home)
         status = runtime.up(home, workload=workload, **up_options)
         _own_kernels.add(status["kernel"]["pid"])
         _others_seen.append(other_kernels())

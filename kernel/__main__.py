@@ -39,6 +39,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--heartbeat", type=float, default=0.1)
     parser.add_argument("--workers", type=int, default=3)
     parser.add_argument("--memory-budget", type=int, default=Options.memory_budget)
+    parser.add_argument("--listen", default=None, help="also serve control on tls+tcp://HOST:PORT (kernel/remote.py)")
+    parser.add_argument("--tls-dir", type=Path, default=None, help="ca.pem, server.pem, server.key for --listen")
     args = parser.parse_args(argv)
     home = args.home.resolve()
     run_dir = paths.run_dir(home)
@@ -55,13 +57,21 @@ def main(argv: list[str] | None = None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     server = control.ControlServer(kernel, run_dir)
+    remote = None
+    if args.listen:
+        from kernel.remote import RemoteControlServer
+
+        remote = RemoteControlServer(kernel, args.listen, args.tls_dir or home / "tls")
     try:
         kernel.boot(load_tasks(home, args.workload))
         (run_dir / "kernel.pid").write_text(json.dumps({"pid": os.getpid()}))
-        print(f"kernel {os.getpid()} up, control at {paths.control_address(run_dir)}", flush=True)
+        print(f"kernel {os.getpid()} up, control at {paths.control_address(run_dir)}"
+              + (f" and {args.listen}" if args.listen else ""), flush=True)
         kernel.run()
     finally:
         server.close()
+        if remote is not None:
+            remote.close()
         (run_dir / "kernel.pid").unlink(missing_ok=True)
         paths.clear_stale(run_dir)
     return 0

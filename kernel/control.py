@@ -11,11 +11,12 @@ from __future__ import annotations
 
 import threading
 import time
+import uuid
 
 import msgspec
 import pynng
 
-from kernel import ipc, paths, protocol
+from kernel import ipc, kv, paths, protocol
 from kernel.journal import write_atomically
 from kernel.swap import SwapError, run_swap
 from kernel.plugin_store import PluginError
@@ -91,15 +92,25 @@ class ControlServer:
             return {"records": kernel.journal.records(req.limit), "problems": kernel.journal.problems}
         if isinstance(req, protocol.PingServiceReq):
             return self._ping(req)
-        if isinstance(req, protocol.KvReq):
+        if isinstance(req, (protocol.KvReq, protocol.KvScanReq, protocol.KvHistoryReq, protocol.KvStatsReq,
+                            protocol.KvRollbackReq, protocol.KvCompactReq)):
             return self._kv(req)
         if isinstance(req, protocol.AttachReq):
             return call(kernel.attach_client, req.name)
         if isinstance(req, protocol.DetachReq):
             return call(kernel.detach_client, req.peer)
+        if isinstance(req, protocol.FaultReq):  # `lugh chaos`
+            return call(kernel.sup.inject, req.service, req.fault)
+        if isinstance(req, protocol.ServiceRestartReq):  # `lugh restart`
+            return call(kernel.sup.operator_restart, req.service)
         if isinstance(req, protocol.ShutdownReq):
             kernel.call(setattr, kernel, "stopping", True)
             return {"stopping": True}
+        if isinstance(req, (protocol.InstallReq, protocol.UninstallReq, protocol.PluginListReq,
+                            protocol.RollbackReq, protocol.ProgressReq)):
+            from kernel import install  # verification and install run here, in this control thread
+
+            return install.handle(kernel, req)
         raise ValueError(f"unsupported request {type(req).__name__}")
 
     def _save_tasks(self) -> None:
@@ -119,33 +130,40 @@ class ControlServer:
                 "mean_us": round(sum(rtts) / len(rtts) * 1e6, 1)}
 
     def _kv(self, req) -> dict:
+        """`lugh kv`: one storage request each (kernel/kv.py)."""
         kernel = self.kernel
-
-        def send():
-            from concurrent.futures import Future
-
-            storage = kernel.services["storage"]
-            fut: Future = Future()
-            rid = kernel.next_req()
-            kernel.requests[rid] = (fut, None)
+        if isinstance(req, protocol.KvReq):
             if req.put:
                 if any(k.startswith(protocol.RESERVED_KEY_PREFIX) for k, _ in req.put):
                     raise ValueError("keys under .lugh/ are reserved")
-                kernel._stream("storage", protocol.KvPut(req=rid, writes=req.put, origin=f"ctl:{rid}"),
-                               protocol.Lane.HIGH)
-            elif req.get is not None:
-                if storage.active is None or not storage.active.connected:
-                    raise ValueError("storage is restarting; try again")
-                kernel._send(storage.active, protocol.KvGet(req=rid, key=req.get, origin=f"ctl:{rid}"),
-                             protocol.Lane.HIGH)
-            else:
-                raise ValueError("nothing to do: give put or get")
-            return fut
-
-        result = kernel.call(send).result(CALL_TIMEOUT).result(CALL_TIMEOUT)
-        if not result.ok:
-            raise ValueError(result.error)
-        return {"commit": result.commit, "value": result.value}
+                return {"commit": kv.request(kernel, protocol.KvPut(req=0, writes=req.put)).commit, "value": None}
+            if req.get is not None:
+                return {"commit": 0, "value": kv.request(kernel, protocol.KvGet(req=0, key=req.get)).value}
+            raise ValueError("nothing to do: give put or get")
+        if isinstance(req, protocol.KvScanReq):
+            r = kv.request(kernel, protocol.KvScan(req=0, prefix=req.prefix, after=req.after, limit=req.limit))
+            return {"items": [list(item) for item in r.items], "more": r.more, "after": r.info.get("after", "")}
+        if isinstance(req, protocol.KvHistoryReq):
+            what = "history" if req.key is None else "versions"
+            return kv.request(kernel, protocol.KvInfo(req=0, what=what, key=req.key, limit=req.limit,
+                                                      before=req.before)).info
+        if isinstance(req, protocol.KvStatsReq):
+            return kv.request(kernel, protocol.KvInfo(req=0, what="stats")).info
+        if isinstance(req, protocol.KvCompactReq):
+            return kv.request(kernel, protocol.KvAdmin(req=0, op="compact", keep=req.keep)).info
+        # A rollback is journaled before it is asked for, and its outcome after; its
+        # commit carries the operation id in its label (`lugh kv history`), which says
+        # whether it took effect if the kernel stopped before the answer came.
+        op = uuid.uuid4().hex[:12]
+        kernel.journal.append("kvrollback.begin", id=op, to_seq=req.to_seq)
+        try:
+            r = kv.request(kernel, protocol.KvAdmin(req=0, op="rollback", to_seq=req.to_seq,
+                                                    label=f"rollback to {req.to_seq} ({op})"), timeout=120)
+        except ValueError as exc:
+            kernel.journal.append("kvrollback.rollback", id=op, reason=str(exc))
+            raise
+        kernel.journal.append("kvrollback.commit", id=op, commit=r.commit, restored=r.info.get("restored", 0))
+        return {"id": op, "commit": r.commit, "to": req.to_seq, "restored": r.info.get("restored", 0)}
 
 
 def _ping_series(kernel, service_name: str, count: int, lane):

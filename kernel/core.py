@@ -26,6 +26,7 @@ from __future__ import annotations
 import collections
 import json
 import os
+import platform
 import queue
 import secrets
 import selectors
@@ -40,7 +41,7 @@ from pathlib import Path
 import msgspec
 import pynng
 
-from kernel import KERNEL_VERSION, ipc, plugin_store, processes, protocol
+from kernel import KERNEL_VERSION, ipc, plugin_store, processes, protocol, supervisor
 from kernel.journal import Journal, unfinished, write_atomically
 from kernel.memory import RegionTable
 from kernel.protocol import Lane
@@ -48,7 +49,6 @@ from kernel.tasks import TaskTable, fallback_key
 from lugh_sdk.api.types import SchedulerState, Task
 
 LANE_CAP = 20_000
-REPLAY_CAP = 200_000
 PICK_TIMEOUT = 0.02
 EJECT_AFTER = 0.5
 WORKERS = 3
@@ -61,7 +61,7 @@ DEFAULT_BUDGET = 768 * 1024 * 1024
 @dataclass
 class Options:
     heartbeat: float = 0.1
-    hung_after: float = 3.0  # periods without a heartbeat (2 missed, plus slack) before a peer is hung
+    # hang tolerance, restart policy, standby: per service in kernel/supervision.py
     workers: int = WORKERS
     memory_budget: int = DEFAULT_BUDGET
 
@@ -84,6 +84,14 @@ class Instance:
     job: str | None = None  # workers: the job it holds (running or preempted)
     stopped: bool = False   # workers: SIGSTOPped (preempted)
     ready_future: Future = field(default_factory=Future)
+    # supervision (kernel/supervisor.py)
+    marks: tuple = (0.0, 0.0)  # CPU-wait clocks (kernel, peer) at its last sign of life
+    kill_reason: str = ""  # why the kernel killed it (hang, ejection...): its exit reports this
+    retiring: float = 0.0  # an operator restart began then: its exit is not a failure
+    promoting: float = 0.0  # a hot standby taking over since then
+    spec: tuple = ()  # a standby: what it was started for (plugin, data directory)
+    stopped_at: float = 0.0  # workers: preempted since
+    paused: float = 0.0  # workers: time the current job spent preempted (not running)
 
     @property
     def connected(self) -> bool:
@@ -105,6 +113,22 @@ class Service:
     replay: collections.deque = field(default_factory=collections.deque)
     replay_lost: int = 0
     held: bool = False  # quiesced by a swap: stream messages wait in the replay log
+    # Storage swap, health window: the replay log keeps everything after this seq (the
+    # old instance's position, for a rollback), and the new instance's answers to stream
+    # requests wait here until the swap commits (sent) or rolls back (dropped: the old
+    # instance applies the requests again and answers them itself).
+    replay_floor: int | None = None
+    held_acks: list | None = None
+    # A live swap past its redirect: the old instance, still running. If the new one dies
+    # now, the swap rolls back to it; the reincarnation server is not asked to restart.
+    swap_fallback: Instance | None = None
+    # supervision (kernel/supervisor.py)
+    failures: int = 0
+    last_peer: str = ""  # the incarnation that failed last (a restart answers it)
+    standby: Instance | None = None  # the hot standby, when configured
+    safe_mode: str = ""  # what the kernel does instead, once the RS has given up
+    buffer_dropped: int = 0  # MEDIUM/LOW stream messages refused while the replay log was full
+    times: dict = field(default_factory=dict)  # the last recovery: down, hang seen, serving again
 
 
 class Kernel:
@@ -127,6 +151,10 @@ class Kernel:
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self.pipes: dict[int, Instance] = {}
+        # Pipes of instances that exited: the kernel sees an exit (pidfd) before it has
+        # read everything the process sent, and a storage answer sent just before a
+        # crash is still an answer (the data is committed). Only KvResults count.
+        self.departed: collections.OrderedDict[int, Instance] = collections.OrderedDict()
         self.instances: dict[str, Instance] = {}
         self.services: dict[str, Service] = {}
         self.clients: dict[str, Service] = {}
@@ -154,6 +182,7 @@ class Kernel:
         self.boot_tasks: list[Task] | None = None
         self.stopped = threading.Event()
         self.config = self._load_config()
+        self.sup = supervisor.Supervisor(self)  # detection and mechanism of the reincarnation server
 
     # ---------------------------------------------------------------- boot & shutdown
 
@@ -176,12 +205,25 @@ class Kernel:
             self.journal.append("swap.rollback", id=rec["data"]["id"], service=rec["data"]["service"],
                                 reason="not committed when the kernel stopped; reverted at boot")
         for rec in records:
-            if rec["op"] == "swap.commit" and rec["seq"] > self.config["op_seq"]:
+            if rec["op"] in ("swap.commit", supervisor.ROLLBACK_OP) and rec["seq"] > self.config["op_seq"]:
                 self.config["plugins"][rec["data"]["service"]] = rec["data"]["to"]
                 self.config["op_seq"] = rec["seq"]
+                if "data_dir" in rec["data"]:  # a storage swap handed the data set to a new directory
+                    self.config.setdefault("data_dirs", {})[rec["data"]["service"]] = rec["data"]["data_dir"]
                 self.journal.append("swap.rollforward", id=rec["data"]["id"], service=rec["data"]["service"],
                                     to=rec["data"]["to"])
                 self.save_config()
+        from kernel.swap import prune_data_dirs
+
+        prune_data_dirs(self)
+        from kernel import install
+
+        install.recover(self.home, self.journal)  # after the swaps: an install whose swap committed rolls forward
+
+    def data_dir(self, name: str) -> Path:
+        """A service's data directory: ``data/<name>``, or the one a live swap of its
+        plugin handed the data set to."""
+        return self.home / "data" / self.config.get("data_dirs", {}).get(name, name)
 
     def boot(self, tasks: list[Task]) -> None:
         self.recover()
@@ -194,7 +236,8 @@ class Kernel:
             self.start_instance(service, activate=True)
         self.boot_tasks = tasks  # released once every service is up (see _on_connected)
 
-    def start_instance(self, service: Service, *, plugin: str | None = None, activate: bool) -> Instance:
+    def start_instance(self, service: Service, *, plugin: str | None = None, activate: bool,
+                       data_dir: Path | None = None, standby: bool = False) -> Instance:
         """Spawn a new process for ``service``. Must run on the loop thread (the
         spawning thread is the one PR_SET_PDEATHSIG watches)."""
         service.incarnations += 1
@@ -204,7 +247,7 @@ class Kernel:
         token = secrets.token_hex(16)
         env = dict(os.environ, LUGH_RUN_DIR=str(self.run_dir), LUGH_TOKEN=token,
                    LUGH_PARENT_PID=str(os.getpid()), MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
-        args = ["--peer", peer, "--heartbeat", str(self.options.heartbeat)]
+        args = ["--peer", peer, *self.sup.spawn_args(service, standby)]
         if service.kind in PLUGIN_KINDS:
             module = "kernel.services.host"
             try:
@@ -213,13 +256,14 @@ class Kernel:
                 outbox.close()
                 raise
             args += ["--kind", service.kind, "--plugin-dir", str(plugin_dir),
-                     "--data-dir", str(self.home / "data" / service.name)]
+                     "--data-dir", str(data_dir or self.data_dir(service.name))]
         else:
             module = {"rs": "kernel.services.rs", "worker": "kernel.services.worker"}[service.kind]
         child = processes.spawn(peer, module, args, env=env, log_path=self.run_dir / f"{peer}.log",
                                 memory_budget=self.options.memory_budget, started=time.monotonic())
         inst = Instance(peer=peer, service=service, child=child, outbox=outbox, token=token,
                         last_beat=time.monotonic())
+        self.sup.mark(inst)
         self.instances[peer] = inst
         self.sel.register(child.pidfd, selectors.EVENT_READ, ("exit", inst))
         if activate:
@@ -268,6 +312,7 @@ class Kernel:
             self._forget(inst)
         self.regions.clear()
         self.inbox.close()
+        self.sup.close()
         self.journal.close()
 
     # ---------------------------------------------------------------- the loop
@@ -286,10 +331,10 @@ class Kernel:
         try:
             while not self.stopping:
                 now = time.monotonic()
-                timeout = max(0.0, min(self.table.next_release(), now + 0.05) - now)
+                timeout = max(0.0, min(self.table.next_release(), now + 0.05, self.sup.wake_at) - now)
                 if self.pick_req is not None:  # wake when the pick is late, then when it is due for ejection
                     due = self.pick_sent + (EJECT_AFTER if self.pick_late else PICK_TIMEOUT)
-                    timeout = min(timeout, max(0.0, due - now))
+                    timeout = min(timeout, max(0.005 if self.pick_late else 0.0, due - now))
                 for key, _ in self.sel.select(timeout):
                     what, obj = key.data
                     if what == "exit":
@@ -351,7 +396,7 @@ class Kernel:
             msg = protocol.decode(data)
         except msgspec.MsgspecError:
             return
-        if inst and isinstance(msg, (protocol.KvPut, protocol.KvGet)):
+        if inst and isinstance(msg, protocol.KV_REQUESTS):
             self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="dropped: kernel lane queue full"), Lane.LOW)
 
     # ---------------------------------------------------------------- messages
@@ -372,6 +417,8 @@ class Kernel:
         if isinstance(msg, protocol.Hello):
             self._on_hello(msg, pipe, lane)
             return
+        if inst is None and isinstance(msg, protocol.KvResult):
+            inst = self.departed.get(pipe)
         if inst is None:
             self.counters["unauthenticated"] += 1
             return
@@ -396,7 +443,7 @@ class Kernel:
         self.pipes[pipe] = inst
         inst.plugin, inst.plugin_version = msg.plugin, msg.plugin_version
         inst.applied = msg.applied_seq
-        inst.last_beat = time.monotonic()
+        self.sup.mark(inst)
         if inst.connected:
             self._on_connected(inst)
 
@@ -420,12 +467,15 @@ class Kernel:
             state = self.truth_state()
             self.request(inst, protocol.ImportState(req=0, state=state, applied_seq=service.seq), Lane.HIGH)
             inst.applied = service.seq
-        else:
+        elif service.kind == "rs":
+            self.sup.resume_rs(inst)  # its policy state first, then the events after it
+        elif not service.held:  # held: a swap, or storage's safe mode (a read-only incarnation)
             self._replay(service, inst)
         if service.kind == "worker":
             self._want_decision()
         elif service.kind == "scheduler" and self.running is None and self.table.ready:
             self._want_decision()
+        self.sup.resumed(service, inst)
 
     def _replay(self, service: Service, inst: Instance) -> None:
         for seq, lane, data in service.replay:
@@ -434,7 +484,7 @@ class Kernel:
                 self.counters["replayed"] += 1
 
     def _on_heartbeat(self, inst, msg, lane):
-        inst.last_beat = time.monotonic()
+        self.sup.mark(inst)
         self._ack(inst, msg.applied_seq)
         inst.lost, inst.errors = msg.lost, msg.errors
 
@@ -442,7 +492,8 @@ class Kernel:
         inst.applied = max(inst.applied, applied)
         service = inst.service
         if service.active is inst:
-            while service.replay and service.replay[0][0] <= inst.applied:
+            keep = inst.applied if service.replay_floor is None else min(inst.applied, service.replay_floor)
+            while service.replay and service.replay[0][0] <= keep:
                 service.replay.popleft()
 
     def _on_picked(self, inst, msg, lane):
@@ -458,7 +509,7 @@ class Kernel:
             self._want_decision()
 
     def _on_reply(self, inst, msg, lane):
-        if isinstance(msg, (protocol.Done, protocol.Exported)):
+        if isinstance(msg, (protocol.Done, protocol.Exported, protocol.Handover)):
             self._ack(inst, msg.applied_seq)
         fut, _ = self.requests.pop(msg.req, (None, None))
         if fut is not None and not fut.done():
@@ -473,6 +524,7 @@ class Kernel:
             return
         now = time.monotonic()
         inst.job = None
+        self.sup.mark(inst)  # a sign of life: a worker does not heartbeat while it runs a job
         if inst.stopped:
             # It finished just before the kernel stopped it to preempt (the JobDone was
             # in flight): wake it, it holds nothing.
@@ -491,22 +543,33 @@ class Kernel:
         self._want_decision()
 
     def _on_kv(self, inst, msg, lane):
+        if isinstance(msg, protocol.KvAdmin):
+            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="rollback and compaction are "
+                                               "for the control channel (lugh kv)"), lane)
+            return
         if any(k.startswith(protocol.RESERVED_KEY_PREFIX) for k in _keys(msg)):
             self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="reserved key"), lane)
             return
         storage = self.services["storage"]
-        if storage.failed:
-            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="storage is in safe mode"), lane)
+        refusal = self.sup.kv_refusal(storage, msg)  # storage's safe mode: writes refused, reads if possible
+        if refusal:
+            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error=refusal), lane)
             return
         msg = msgspec.structs.replace(msg, origin=inst.peer)
-        if isinstance(msg, protocol.KvPut):
+        if isinstance(msg, protocol.KV_STREAMED):
             self._stream("storage", msg, lane)
-        elif storage.active and storage.active.connected:
-            self._send(storage.active, msg, lane)
         else:
-            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="storage is restarting"), lane)
+            self.sup.forward(storage, msg, lane)  # a read: to storage, or parked while it restarts
 
     def _on_kv_result(self, inst, msg, lane):
+        self.sup.answered(inst.service, msg)  # a read in flight is done
+        held = inst.service.held_acks
+        if held is not None and msg.seq and inst.service.active is inst:
+            held.append((msg, lane))  # a storage swap's health window (Service.held_acks)
+            return
+        self.route_kv_result(msg, lane)
+
+    def route_kv_result(self, msg, lane):
         if msg.origin.startswith("ctl:"):
             fut, _ = self.requests.pop(int(msg.origin[4:]), (None, None))
             if fut is not None and not fut.done():
@@ -534,28 +597,13 @@ class Kernel:
         if inst.service.kind != "rs":
             self.counters["unauthorized"] += 1
             return
-        service = self.services.get(msg.service)
-        if service is None or service.kind in ("rs", "worker"):
-            return
-        current = service.active
-        if current is not None and current.child.popen.poll() is None:
-            # hung: kill it; its exit comes back here through the pidfd as a failure
-            processes.kill(current.child)
-            return
-        if current is None or current.child.popen.poll() is not None:
-            service.restarts += 1
-            self.journal.append("service.restart", service=service.name, reason=msg.reason)
-            self.start_instance(service, activate=True)
+        self.sup.on_restart(msg)
 
     def _on_give_up(self, inst, msg, lane):
         if inst.service.kind != "rs":
             self.counters["unauthorized"] += 1
             return
-        service = self.services.get(msg.service)
-        if service is not None:
-            service.failed = True
-            service.last_failure = f"given up: {msg.reason}"
-            self.journal.append("service.failed", service=service.name, reason=msg.reason)
+        self.sup.on_give_up(msg)  # a crash-loop rollback, else the kind's safe mode
 
     _handlers = {
         protocol.Heartbeat: _on_heartbeat,
@@ -569,10 +617,16 @@ class Kernel:
         protocol.KvPut: _on_kv,
         protocol.KvGet: _on_kv,
         protocol.KvResult: _on_kv_result,
+        protocol.KvScan: _on_kv,
+        protocol.KvTxn: _on_kv,
+        protocol.KvInfo: _on_kv,
+        protocol.KvAdmin: _on_kv,
+        protocol.Handover: _on_reply,
         protocol.ShmAlloc: _on_shm_alloc,
         protocol.ShmFree: _on_shm_free,
         protocol.Restart: _on_restart,
         protocol.GiveUp: _on_give_up,
+        protocol.PolicyState: lambda self, inst, msg, lane: self.sup.on_policy_state(inst, msg),
     }
 
     # ---------------------------------------------------------------- sending
@@ -584,13 +638,12 @@ class Kernel:
         """Send a stream message to a service: numbered, kept for replay until the
         service has applied it, delivered to whichever instance is active."""
         service = self.services[name]
+        if not self.sup.admit(service, msg, lane):  # bounded while down; HIGH is never dropped
+            return
         service.seq += 1
         msg = msgspec.structs.replace(msg, seq=service.seq)
         data = protocol.encode(msg)
         service.replay.append((service.seq, lane, data))
-        if len(service.replay) > REPLAY_CAP:
-            service.replay.popleft()
-            service.replay_lost += 1
         if service.active is not None and service.active.connected and not service.held:
             service.active.outbox.send(data, lane)
 
@@ -721,12 +774,13 @@ class Kernel:
                 return
             processes.kill(inst.child, signal.SIGCONT)
             inst.stopped = False
+            inst.paused += now - inst.stopped_at  # preempted time is not the job's running time
             self.counters["resumed"] += 1
         else:
             inst = self._idle_worker()
             if inst is None:
                 return
-            record.worker, record.started, inst.job = inst.peer, now, job_id
+            record.worker, record.started, inst.job, inst.paused = inst.peer, now, job_id, 0.0
             self._send(inst, protocol.RunJob(job=record.job, action=self.table.tasks[record.job.task].task.action
                                              if record.job.task in self.table.tasks else "noop"), Lane.HIGH)
         self.running = job_id
@@ -743,6 +797,7 @@ class Kernel:
         if inst is not None:
             processes.kill(inst.child, signal.SIGSTOP)
             inst.stopped = True
+            inst.stopped_at = time.monotonic()
         self.counters["preemptions"] += 1
         self.running = None
         self.wait_start = time.monotonic()
@@ -772,22 +827,8 @@ class Kernel:
             if owner is inst:
                 del self.requests[req]
                 fut.set_exception(RuntimeError(f"{inst.peer} exited ({reason})"))
-        if self.stopping or service.active is not inst:
-            return
-        service.active = None
-        service.last_failure = reason
-        self.counters["service_failures"] += 1
-        if service.kind == "worker":
-            self._worker_lost(inst, service)
-        elif service.kind == "rs":
-            # The kernel supervises the reincarnation server itself.
-            service.restarts += 1
-            self.start_instance(service, activate=True)
-        else:
-            if service.kind == "scheduler" and self.pick_req is not None:
-                self.pick_req = None
-                self._fallback_decide()
-            self._event("rs", "service_down", service=service.name, reason=reason)
+        if not self.stopping:
+            self.sup.gone(inst, reason)  # reported once; restarted by the RS (the RS and workers: here)
 
     def _worker_lost(self, inst: Instance, service: Service) -> None:
         if inst.job is not None:
@@ -799,13 +840,13 @@ class Kernel:
             if self.running == inst.job:
                 self.running = None
                 self._mark_waiting(time.monotonic())
-        service.restarts += 1
-        self.start_instance(service, activate=True)
 
     def _forget(self, inst: Instance) -> None:
         self.instances.pop(inst.peer, None)
         for pipe in [p for p, i in self.pipes.items() if i is inst]:
-            del self.pipes[pipe]
+            self.departed[pipe] = self.pipes.pop(pipe)
+        while len(self.departed) > 1024:
+            self.departed.popitem(last=False)
         inst.outbox.close()
         self.regions.reclaim(inst.peer)
         for path in self.run_dir.glob(f"{inst.peer}.?"):
@@ -814,11 +855,11 @@ class Kernel:
     def _watchdogs(self, now: float) -> None:
         if self.pick_req is not None and now - self.pick_sent > PICK_TIMEOUT:
             sched = self.services["scheduler"].active
-            if now - self.pick_sent > EJECT_AFTER and sched is not None:
+            if (sched is not None and now - self.pick_sent > EJECT_AFTER
+                    and self.sup.charged(sched, now - self.pick_sent) > EJECT_AFTER):  # starved is not stalled
                 self.counters["scheduler_ejected"] += 1
                 self.journal.append("scheduler.eject", peer=sched.peer, reason=f"no decision for {EJECT_AFTER}s")
-                processes.kill(sched.child)
-                sched.last_beat = now  # ejected: its exit reaches the RS, not also a hang report
+                self.sup.kill(sched, f"ejected: no scheduling decision for {EJECT_AFTER:g}s")
                 self.pick_req = None
                 self._fallback_decide()  # no event may come to ask (e.g. every task at its backlog cap)
             elif not self.pick_late:
@@ -830,27 +871,15 @@ class Kernel:
                 saved, self.pick_req = self.pick_req, None
                 self._fallback_decide()
                 self.pick_req = saved
-        hung_after = self.options.heartbeat * self.options.hung_after
-        for inst in list(self.instances.values()):
-            service = inst.service
-            if service.active is not inst or not inst.connected or inst.job is not None or inst.child is None:
-                continue
-            if service.kind == "scheduler" and self.pick_req is not None:
-                continue  # silent with a decision owed: the pick watchdog above ejects it
-            if now - inst.last_beat > max(hung_after, 0.05):
-                inst.last_beat = now  # report once
-                self.counters["hangs"] += 1
-                if service.kind in ("worker", "rs"):
-                    processes.kill(inst.child)
-                else:
-                    self._event("rs", "service_hung", service=service.name,
-                                reason=f"no heartbeat for {hung_after:.2f}s")
+        self.sup.check(now)  # hangs (charged silence), start timeouts, standbys, the kernel's own restarts
         for inst in list(self.instances.values()):
             if inst.job is not None and not inst.stopped:
                 record = self.table.ready.get(inst.job)
-                if record and record.started and now - record.started > max(JOB_KILL_FLOOR, record.job.budget_ms / 50):
+                limit = max(JOB_KILL_FLOOR, record.job.budget_ms / 50) if record else JOB_KILL_FLOOR
+                if (record and record.started and now - record.started - inst.paused > limit and not inst.kill_reason
+                        and self.sup.charged(inst, now - record.started - inst.paused) > limit):
                     self.counters["jobs_killed"] += 1
-                    processes.kill(inst.child)
+                    self.sup.kill(inst, f"job {inst.job} ran past its limit")
 
     # ---------------------------------------------------------------- reporting
 
@@ -875,6 +904,7 @@ class Kernel:
                 "stream_seq": service.seq, "applied_seq": inst.applied if inst else 0,
                 "replay_backlog": len(service.replay), "lost": (inst.lost if inst else 0) + service.replay_lost,
                 "plugin_errors": inst.errors if inst else 0,
+                **self.sup.service_status(service),  # incarnation, failures, safe mode, standby, policy
             })
         lanes = {}
         for lane in ipc.LANES:
@@ -888,7 +918,8 @@ class Kernel:
         recent_gaps = [g for t, g in self.gaps if now - t < 10]
         return {
             "kernel": {"pid": os.getpid(), "version": KERNEL_VERSION, "uptime_s": round(now - self.started, 1),
-                       "run_dir": str(self.run_dir), "home": str(self.home)},
+                       "run_dir": str(self.run_dir), "home": str(self.home),
+                       "machine": platform.machine()},
             "services": services,
             "lanes": lanes,
             "tasks": {"count": len(self.table.tasks), "ready": len(self.table.ready), "running": self.running,
@@ -908,5 +939,8 @@ class Kernel:
 
 
 def _keys(msg) -> list[str]:
-    return [k for k, _ in msg.writes] if isinstance(msg, protocol.KvPut) else [msg.key]
+    """The keys a storage request names (a scan: its prefix)."""
+    if isinstance(msg, (protocol.KvPut, protocol.KvTxn)):
+        return [k for k, _ in msg.writes]
+    return [k for k in (getattr(msg, "key", None), getattr(msg, "prefix", None)) if k]
 

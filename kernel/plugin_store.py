@@ -7,7 +7,14 @@ read as data, never imported, so compatibility is decided before any plugin code
 
 Verification checks every file against the sha256 in the wheel's RECORD and refuses any
 file RECORD does not list (a planted module or .pyc would otherwise be importable).
-The registry layer signs RECORD's digest; this module checks the files against it.
+
+Pins: when a plugin is installed, the sha256 of its verified RECORD is written
+*outside* the plugin's directory, to ``<home>/state/pins/<name>/<version>.json``
+(with the wheel's sha256 and where it came from). The service host checks the
+installed RECORD against its pin, then every file against RECORD, before it imports
+anything (:func:`verify_installed`): a file, or RECORD itself, changed after
+installation is refused at load. Installing from a registry (:mod:`kernel.install`)
+first checks the wheel against the registry's signed hashes.
 """
 
 from __future__ import annotations
@@ -16,15 +23,19 @@ import base64
 import csv
 import hashlib
 import io
+import json
+import os
 import platform
 import re
 import shutil
 import sys
+import time
 import tomllib
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 
+from kernel import KERNEL_VERSION
 from lugh_sdk.api import KINDS, PLUGIN_API_VERSION
 
 MANIFEST_NAME = "lugh-plugin.toml"
@@ -47,6 +58,7 @@ class Manifest:
     python: str
     entry: str
     description: str = ""
+    kernel: str = ""  # optional range of kernel versions, e.g. ">=0.1,<1"
 
 
 def parse_manifest(text: str, source: str = MANIFEST_NAME) -> Manifest:
@@ -70,11 +82,14 @@ def parse_manifest(text: str, source: str = MANIFEST_NAME) -> Manifest:
     if ":" not in data["entry"]:
         raise PluginError(f"{source}: entry must be 'module:object'")
     parse_version(data["version"])
-    for spec in (data["api"], data["python"]):
+    kernel = data.get("kernel", "")
+    if not isinstance(kernel, str):
+        raise PluginError(f"{source}: kernel must be a version range string")
+    for spec in (data["api"], data["python"], *([kernel] if kernel else [])):
         _parse_range(spec)
     return Manifest(name=data["name"], version=data["version"], kind=data["kind"], api=data["api"],
                     architectures=tuple(arches), python=data["python"], entry=data["entry"],
-                    description=str(data.get("description", "")))
+                    description=str(data.get("description", "")), kernel=kernel)
 
 
 def parse_version(text: str) -> tuple[int, ...]:
@@ -117,6 +132,9 @@ def check_compatible(manifest: Manifest, *, kind: str | None = None) -> None:
     if not in_range(PLUGIN_API_VERSION, manifest.api):
         raise PluginError(f"{manifest.name} {manifest.version} needs plugin API {manifest.api}; "
                           f"this kernel provides {PLUGIN_API_VERSION}")
+    if manifest.kernel and not in_range(KERNEL_VERSION, manifest.kernel):
+        raise PluginError(f"{manifest.name} {manifest.version} needs LughOS kernel {manifest.kernel}; "
+                          f"this target runs {KERNEL_VERSION}")
     arch = platform.machine()
     if arch not in manifest.architectures:
         raise PluginError(f"{manifest.name} {manifest.version} supports {', '.join(manifest.architectures)}; "
@@ -192,7 +210,17 @@ def installed(home: Path) -> dict[str, list[str]]:
     return out
 
 
+def split_spec(spec: str) -> tuple[str, str | None]:
+    """``name==version`` -> (name, version); ``name`` -> (name, None)."""
+    name, sep, version = spec.partition("==")
+    return name.strip(), (version.strip() or None) if sep else None
+
+
 def locate(home: Path, name: str, version: str | None = None) -> Path:
+    """The directory of an installed plugin: ``name`` may be ``name==version``;
+    without a version, the newest installed."""
+    if version is None:
+        name, version = split_spec(name)
     versions = installed(home).get(name)
     if not versions:
         raise PluginError(f"plugin {name!r} is not installed on this target")
@@ -216,35 +244,134 @@ def check_wheel_members(zf: zipfile.ZipFile) -> None:
             raise PluginError(f"wheel unpacks to more than {MAX_UNPACKED_BYTES} bytes")
 
 
-def install_wheel(home: Path, wheel: Path, *, replace: bool = False) -> tuple[Manifest, Path]:
-    """Unpack, verify and check a wheel in a staging directory, then move it into place
-    in one rename: the target has either the whole plugin or nothing of it."""
+def stage_wheel(wheel: Path, staging: Path) -> Manifest:
+    """Unpack ``wheel`` into the empty directory ``staging`` and check it there: safe
+    member names and sizes, every file against RECORD, the manifest, compatibility."""
     if wheel.stat().st_size > MAX_WHEEL_BYTES:
         raise PluginError(f"{wheel.name} is larger than {MAX_WHEEL_BYTES} bytes")
+    try:
+        with zipfile.ZipFile(wheel) as zf:
+            check_wheel_members(zf)
+            zf.extractall(staging)
+    except zipfile.BadZipFile:
+        raise PluginError(f"{wheel.name} is not a valid wheel (zip) file") from None
+    verify_files(staging)
+    manifest = read_manifest(staging)
+    check_compatible(manifest)
+    return manifest
+
+
+# --- pins: the verified RECORD digest, kept outside the plugin's directory -------------
+
+def pin_path(home: Path, name: str, version: str) -> Path:
+    return Path(home) / "state" / "pins" / name / f"{version}.json"
+
+
+def read_pin(home: Path, name: str, version: str) -> dict | None:
+    try:
+        return json.loads(pin_path(home, name, version).read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise PluginError(f"{name} {version}: its installation pin is unreadable") from None
+
+
+def write_pin(home: Path, manifest: Manifest, root: Path, **provenance) -> dict:
+    """Pin the verified RECORD of the plugin unpacked at ``root`` (durably, in one
+    rename) before it is moved into place."""
+    pin = {"name": manifest.name, "version": manifest.version, "kind": manifest.kind,
+           "record_sha256": record_digest(root), "installed_at": time.time(), **provenance}
+    path = pin_path(home, manifest.name, manifest.version)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        f.write(json.dumps(pin, indent=2, sort_keys=True))
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    return pin
+
+
+def remove_pin(home: Path, name: str, version: str) -> None:
+    path = pin_path(home, name, version)
+    path.unlink(missing_ok=True)
+    try:
+        path.parent.rmdir()
+    except OSError:
+        pass
+
+
+def verify_installed(root: Path) -> dict:
+    """What the service host checks before importing the plugin installed at
+    ``<home>/plugins/<name>/<version>``: RECORD is the one pinned at installation and
+    every file is the one RECORD lists. Returns the pin."""
+    root = Path(root)
+    home, name, version = root.parent.parent.parent, root.parent.name, root.name
+    pin = read_pin(home, name, version)
+    if pin is None:
+        raise PluginError(f"{name} {version} has no installation pin ({pin_path(home, name, version)}): "
+                          f"it was not installed by LughOS; refused")
+    found = record_digest(root)
+    if found != pin.get("record_sha256"):
+        raise PluginError(f"{name} {version}: RECORD changed after installation (pinned sha256 "
+                          f"{str(pin.get('record_sha256'))[:16]}, found {found[:16]}); refused")
+    verify_files(root)
+    return pin
+
+
+def activate(home: Path, staging: Path, manifest: Manifest, **provenance) -> Path:
+    """Pin, then move the verified tree at ``staging`` into place in one rename."""
+    dest = plugins_dir(home) / manifest.name / manifest.version
+    if dest.exists():
+        raise PluginError(f"{manifest.name} {manifest.version} is already installed")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    write_pin(home, manifest, staging, **provenance)
+    try:
+        staging.rename(dest)
+    except OSError:
+        remove_pin(home, manifest.name, manifest.version)
+        raise
+    return dest
+
+
+def deactivate(home: Path, name: str, version: str) -> None:
+    """Remove an installed version: out of sight in one rename, then deleted."""
+    dest = plugins_dir(home) / name / version
+    if dest.exists():
+        trash = plugins_dir(home) / f".trash-{name}-{version}-{os.getpid()}-{time.monotonic_ns()}"
+        dest.rename(trash)
+        shutil.rmtree(trash, ignore_errors=True)
+    remove_pin(home, name, version)
+    try:
+        dest.parent.rmdir()
+    except OSError:
+        pass
+
+
+def install_wheel(home: Path, wheel: Path, *, replace: bool = False) -> tuple[Manifest, Path]:
+    """Unpack, verify and check a wheel in a staging directory, then move it into place
+    in one rename: the target has either the whole plugin or nothing of it. No
+    signature is checked here: this is for wheels built on this machine from sources
+    it has (tests); plugins from a registry go through :mod:`kernel.install`."""
     base = plugins_dir(home)
-    staging = base / f".staging-{wheel.stem}"
+    staging = base / f".staging-{wheel.stem}-{os.getpid()}"
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir(parents=True)
     try:
-        try:
-            with zipfile.ZipFile(wheel) as zf:
-                check_wheel_members(zf)
-                zf.extractall(staging)
-        except zipfile.BadZipFile:
-            raise PluginError(f"{wheel.name} is not a valid wheel (zip) file") from None
-        verify_files(staging)
-        manifest = read_manifest(staging)
-        check_compatible(manifest)
+        manifest = stage_wheel(wheel, staging)
         dest = base / manifest.name / manifest.version
         if dest.exists():
             if not replace:
                 raise PluginError(f"{manifest.name} {manifest.version} is already installed")
-            old = dest.with_name(dest.name + ".old")
-            shutil.rmtree(old, ignore_errors=True)
-            dest.rename(old)
-            shutil.rmtree(old)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        staging.rename(dest)
-        return manifest, dest
+            deactivate(home, manifest.name, manifest.version)
+        return manifest, activate(home, staging, manifest, source="wheel", wheel_sha256=_file_sha256(wheel))
     finally:
         shutil.rmtree(staging, ignore_errors=True)
+
+
+def _file_sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(1 << 20), b""):
+            h.update(chunk)
+    return h.hexdigest()

@@ -19,7 +19,7 @@ of the service (restart or live swap), and a gap seen by a service is counted as
 from __future__ import annotations
 
 import enum
-from typing import Annotated, Any, Union
+from typing import Annotated, Any, Literal, Union
 
 import msgspec
 
@@ -110,6 +110,51 @@ class KvGet(_M, tag="kvget"):
     origin: str = ""
 
 
+class KvScan(_M, tag="kvscan"):
+    """Committed pairs whose key starts with ``prefix``, in key order, after ``after``;
+    the result says ``more`` when a page was cut (by ``limit`` or the message size)."""
+    req: int
+    prefix: Annotated[str, msgspec.Meta(max_length=MAX_KEY)] = ""
+    after: Annotated[str, msgspec.Meta(max_length=MAX_KEY)] = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 1000
+    origin: str = ""
+
+
+class KvTxn(_M, tag="kvtxn"):
+    """An interactive transaction, numbered ``txn`` by its client: ``begin``, any number
+    of ``write`` (value None deletes), then ``commit`` or ``abort``. Only the commit is
+    answered, with whatever went wrong before it (nothing of a failed transaction is
+    applied). A transaction idle for the storage service's timeout is aborted."""
+    req: int
+    txn: Annotated[int, msgspec.Meta(ge=1, le=2**62)]
+    op: Literal["begin", "write", "commit", "abort"]
+    writes: Annotated[list[tuple[Key, Value | None]], msgspec.Meta(max_length=1024)] = []
+    origin: str = ""
+    seq: int = 0
+
+
+class KvInfo(_M, tag="kvinfo"):
+    """Read the storage's history (``key`` None: commits; a key: its versions) or stats."""
+    req: int
+    what: Literal["history", "versions", "stats"]
+    key: Key | None = None
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+    before: Annotated[int, msgspec.Meta(ge=0)] = 0
+    origin: str = ""
+
+
+class KvAdmin(_M, tag="kvadmin"):
+    """Control channel only: roll the data back to commit ``to_seq`` (a new commit that
+    restores that state), or compact the history to the last ``keep`` commits."""
+    req: int
+    op: Literal["rollback", "compact"]
+    to_seq: Annotated[int, msgspec.Meta(ge=0)] = 0
+    keep: Annotated[int, msgspec.Meta(ge=0)] = 0
+    label: Annotated[str, msgspec.Meta(max_length=128)] = ""
+    origin: str = ""
+    seq: int = 0
+
+
 class KvResult(_M, tag="kvres"):
     """Storage -> kernel -> client. ``origin`` names the client peer."""
     req: int
@@ -118,6 +163,25 @@ class KvResult(_M, tag="kvres"):
     commit: int = 0  # the storage's commit sequence number (not a stream seq)
     value: bytes | None = None
     error: str = ""
+    seq: int = 0  # the stream seq of the request it answers (0: a read, not streamed)
+    items: list[tuple[str, bytes]] = []  # KvScan
+    more: bool = False  # KvScan: another page follows
+    info: dict[str, Any] = {}  # KvInfo, KvAdmin
+
+
+KV_REQUESTS = (KvPut, KvGet, KvScan, KvTxn, KvInfo, KvAdmin)
+KV_STREAMED = (KvPut, KvTxn, KvAdmin)  # ordered with the writes, replayed after a restart
+
+
+class Handover(_M, tag="handover"):
+    """Storage -> kernel during a live swap: the data set was exported to (or imported
+    from) ``path``; ``commit`` and ``keys`` describe it, so the two sides can be compared."""
+    req: int
+    ok: bool = True
+    error: str = ""
+    applied_seq: int = 0
+    commit: int = 0
+    keys: int = 0
 
 
 class ShmAlloc(_M, tag="shmalloc"):
@@ -140,12 +204,40 @@ class Restart(_M, tag="restart"):
     """Reincarnation server -> kernel: (re)start this service now."""
     service: PeerId
     reason: str = ""
+    peer: str = ""  # the failed incarnation this restart answers (a stale one is ignored)
 
 
 class GiveUp(_M, tag="giveup"):
     """Reincarnation server -> kernel: intensity limit passed, enter safe mode."""
     service: PeerId
     reason: str = ""
+
+
+class PolicyState(_M, tag="rsstate"):
+    """Reincarnation server -> kernel, after every change: its whole policy state, kept
+    by the kernel and handed to the next incarnation (the RS survives its own death)."""
+    applied_seq: int
+    records: dict[str, Any] = {}
+
+
+class PolicyImport(_M, tag="rsimport"):
+    """Kernel -> a new reincarnation server: the settings, the last policy state it
+    saved (through ``applied_seq``; later events are replayed) and the services up now."""
+    applied_seq: int
+    settings: dict[str, Any] = {}
+    records: dict[str, Any] = {}
+    up: list[str] = []
+
+
+class Promote(_M, tag="promote"):
+    """Kernel -> a hot standby: take over (build the service, open its data); answered
+    with Done, whose ``applied_seq`` is the position recovered."""
+    req: int
+
+
+class InjectFault(_M, tag="fault"):
+    """Kernel -> a service host (`lugh chaos`): make the plugin's next hook call raise."""
+    fault: Literal["raise"] = "raise"
 
 
 class MonitorReport(_M, tag="report"):
@@ -192,6 +284,22 @@ class ImportState(_M, tag="import"):
     applied_seq: int
 
 
+class ExportData(_M, tag="exportdata"):
+    """Live swap of storage: once every stream message through ``through`` is applied,
+    commit, write the data set to ``path`` and answer with a Handover."""
+    req: int
+    path: str
+    through: int = 0
+
+
+class ImportData(_M, tag="importdata"):
+    """Live swap of storage: take over the data set at ``path``; the stream position is
+    ``applied_seq``. Answered with a Handover."""
+    req: int
+    path: str
+    applied_seq: int
+
+
 class HealthCheck(_M, tag="health"):
     req: int
 
@@ -224,9 +332,11 @@ class Stop(_M, tag="stop"):
 
 Msg = Union[
     Hello, Heartbeat, Picked, Exported, Done, Pong, JobDone, KvPut, KvGet, KvResult,
+    KvScan, KvTxn, KvInfo, KvAdmin, Handover,
     ShmAlloc, ShmFree, ShmGranted, Restart, GiveUp, MonitorReport,
+    PolicyState, PolicyImport, Promote, InjectFault,
     TaskAdded, TaskRemoved, JobReleased, JobCompleted, PickNext, ExportState,
-    ImportState, HealthCheck, Ping, RunJob, Event, ReportRequest, Stop,
+    ImportState, ExportData, ImportData, HealthCheck, Ping, RunJob, Event, ReportRequest, Stop,
 ]
 
 _encoder = msgspec.msgpack.Encoder()
@@ -287,8 +397,32 @@ class PingServiceReq(_R, tag="ping-service"):
 
 
 class KvReq(_R, tag="kv"):
-    put: list[tuple[Key, Value | None]] = []
+    put: list[tuple[Key, Value | None]] = []  # one transaction; value None deletes
     get: Key | None = None
+
+
+class KvScanReq(_R, tag="kv-scan"):
+    prefix: Annotated[str, msgspec.Meta(max_length=MAX_KEY)] = ""
+    after: Annotated[str, msgspec.Meta(max_length=MAX_KEY)] = ""
+    limit: Annotated[int, msgspec.Meta(ge=1, le=10_000)] = 100
+
+
+class KvHistoryReq(_R, tag="kv-history"):
+    key: Key | None = None  # None: the last commits; a key: its versions
+    limit: Annotated[int, msgspec.Meta(ge=1, le=1000)] = 20
+    before: Annotated[int, msgspec.Meta(ge=0)] = 0
+
+
+class KvStatsReq(_R, tag="kv-stats"):
+    pass
+
+
+class KvRollbackReq(_R, tag="kv-rollback"):
+    to_seq: Annotated[int, msgspec.Meta(ge=0)]
+
+
+class KvCompactReq(_R, tag="kv-compact"):
+    keep: Annotated[int, msgspec.Meta(ge=0)]
 
 
 class ShutdownReq(_R, tag="down"):
@@ -305,8 +439,55 @@ class DetachReq(_R, tag="detach"):
     peer: PeerId
 
 
+class FaultReq(_R, tag="fault"):
+    """`lugh chaos`: make a plugin service raise in its next hook (the real error path)."""
+    service: PeerId
+    fault: Literal["raise"] = "raise"
+
+
+class ServiceRestartReq(_R, tag="restart"):
+    """`lugh restart SERVICE`: restart it now; also the way out of a safe mode."""
+    service: PeerId
+
+
+# --- plugins on the target (kernel/install.py) ---------------------------------------
+
+PluginName = Annotated[str, msgspec.Meta(pattern=r"^[a-z][a-z0-9-]{1,63}$")]
+PluginVersion = Annotated[str, msgspec.Meta(pattern=r"^(\d+(\.\d+){0,3})?$")]
+
+
+class InstallReq(_R, tag="install"):
+    """Verify and install a plugin from a registry the target trusts (a trust name,
+    or the registry's directory or URL); with ``swap``, swap its service live to it."""
+    name: PluginName
+    version: PluginVersion = ""
+    registry: Annotated[str, msgspec.Meta(min_length=1, max_length=1024)] = "local"
+    swap: bool = False
+    health_window_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 300
+
+
+class UninstallReq(_R, tag="uninstall"):
+    name: PluginName
+    version: PluginVersion = ""
+
+
+class PluginListReq(_R, tag="plugin-list"):
+    pass
+
+
+class RollbackReq(_R, tag="rollback"):
+    """Undo the last install or swap on the target (from the journal)."""
+    health_window_ms: Annotated[int, msgspec.Meta(ge=0, le=60_000)] = 300
+
+
+class ProgressReq(_R, tag="progress"):
+    """What the install in progress is doing (phase, bytes), and the swap's step."""
+
+
 Request = Union[StatusReq, TaskAddReq, TaskRemoveReq, TaskListReq, SwapReq, LogReq,
-                PingServiceReq, KvReq, ShutdownReq, AttachReq, DetachReq]
+                PingServiceReq, KvReq, ShutdownReq, AttachReq, DetachReq, FaultReq, ServiceRestartReq,
+                KvScanReq, KvHistoryReq, KvStatsReq, KvRollbackReq, KvCompactReq,
+                InstallReq, UninstallReq, PluginListReq, RollbackReq, ProgressReq]
 
 
 class ReplyBase(msgspec.Struct, tag_field="kind", kw_only=True):

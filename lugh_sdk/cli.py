@@ -16,9 +16,14 @@ import typer
 app = typer.Typer(add_completion=False, no_args_is_help=True, help="LughOS: a real-time microkernel runtime and its plugin SDK.")
 task_app = typer.Typer(no_args_is_help=True, help="Periodic real-time tasks.")
 app.add_typer(task_app, name="task")
+kv_app = typer.Typer(no_args_is_help=True, help="The storage service: a transactional key-value store with history.")
+app.add_typer(kv_app, name="kv")
+from lugh_sdk.target_cli import target_app  # noqa: E402  (`lugh target ...`)
+
+app.add_typer(target_app, name="target")
 
 HomeOpt = typer.Option(None, "--home", envvar="LUGH_HOME", help="State directory (default: ~/.local/share/lugh).")
-TargetOpt = typer.Option("local", "--target", help="The kernel to act on (only 'local' for now).")
+TargetOpt = typer.Option("local", "--target", help="The kernel to act on: 'local' or a target added with `lugh target add`.")
 JsonOpt = typer.Option(False, "--json", help="Machine-readable output.")
 
 
@@ -32,14 +37,15 @@ def _check_target(target: str) -> None:
     from lugh_sdk.errors import LughError
 
     if target != "local":
-        raise LughError(f"unknown target {target!r}: only the local machine ('local') is available yet")
+        from lugh_sdk import targets
+
+        targets.get(_home(None), target)  # a clear error for an unknown target
 
 
 def _client(home, target):
-    from lugh_sdk.client import KernelClient
+    from lugh_sdk import targets  # local: the ipc socket; others: mutual TLS (lugh_sdk/targets.py)
 
-    _check_target(target)
-    return KernelClient(_home(home))
+    return targets.client(_home(home), target)
 
 
 def _request(home, target, req, timeout: float | None = None) -> dict:
@@ -61,9 +67,13 @@ def up(
     """Boot a kernel: the kernel, the reincarnation server, the services and workers."""
     from lugh_sdk import runtime, views
 
-    _check_target(target)
     if workload not in ("grid", "none"):
         raise typer.BadParameter("workload must be 'grid' or 'none'")
+    if target != "local":  # a QEMU target boots its VM; returns once its kernel is healthy
+        from lugh_sdk import targets
+
+        views.print_status(targets.up(_home(home), target, workload=workload))
+        return
     status = runtime.up(_home(home), workload=workload)
     views.print_status(status)
     if detach:
@@ -83,7 +93,11 @@ def down(home: Optional[Path] = HomeOpt, target: str = TargetOpt):
     """Stop the kernel and every process it started."""
     from lugh_sdk import runtime
 
-    _check_target(target)
+    if target != "local":
+        from lugh_sdk import targets
+
+        typer.echo("Stopped." if targets.down(_home(home), target) else "No kernel was running.")
+        return
     typer.echo("Stopped." if runtime.down(_home(home)) else "No kernel was running.")
 
 
@@ -145,7 +159,7 @@ def task_rm(name: str, home: Optional[Path] = HomeOpt, target: str = TargetOpt):
 
 @app.command()
 def swap(
-    service: str = typer.Argument(..., help="The service: scheduler."),
+    service: str = typer.Argument(..., help="The service: scheduler or storage."),
     plugin: str = typer.Argument(..., help="The plugin to swap in, e.g. priority or edf-scheduler."),
     health_window: int = typer.Option(300, "--health-window", help="ms the new plugin must stay healthy before commit."),
     home: Optional[Path] = HomeOpt,
@@ -154,12 +168,190 @@ def swap(
 ):
     """Swap a running service's plugin live, with state transfer and rollback."""
     from kernel import protocol
-    from lugh_sdk import views
+    from lugh_sdk import progress, views
 
-    data = _request(home, target, protocol.SwapReq(service=service, plugin=plugin, health_window_ms=health_window),
-                    timeout=120)
+    data = progress.request(lambda: _client(home, target),  # with a progress bar of the swap's steps on a terminal
+                            protocol.SwapReq(service=service, plugin=plugin, health_window_ms=health_window),
+                            timeout=120, swap=True)
     _print_json(data) if as_json else views.print_swap(data)
     if not data["committed"]:
+        raise typer.Exit(1)
+
+
+def _kv_value(text: Optional[str], file: Optional[Path], hex_value: Optional[str]) -> bytes:
+    from lugh_sdk.errors import LughError
+
+    given = [v for v in (text, file, hex_value) if v is not None]
+    if len(given) != 1:
+        raise LughError("give the value as an argument, or with --file or --hex (one of them)")
+    if file is not None:
+        return file.read_bytes()
+    if hex_value is not None:
+        try:
+            return bytes.fromhex(hex_value)
+        except ValueError:
+            raise LughError("--hex: not a hexadecimal string") from None
+    return text.encode()
+
+
+@kv_app.command("get")
+def kv_get(key: str, home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """Print a key's committed value (text, or hex when it is not UTF-8). Exit 1 if absent."""
+    from kernel import protocol
+    from lugh_sdk import views
+
+    value = _request(home, target, protocol.KvReq(get=key))["value"]
+    if as_json:
+        _print_json({"key": key, **views.value_fields(value)})
+    elif value is not None:
+        typer.echo(views.show_value(value))
+    if value is None:
+        if not as_json:
+            typer.echo(f"{key}: no value", err=True)
+        raise typer.Exit(1)
+
+
+@kv_app.command("put")
+def kv_put(key: str, value: Optional[str] = typer.Argument(None, help="The value, as text."),
+           file: Optional[Path] = typer.Option(None, "--file", help="Read the value from this file."),
+           hex_value: Optional[str] = typer.Option(None, "--hex", help="The value, in hexadecimal."),
+           home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """Write a key (durable when this returns)."""
+    from kernel import protocol
+
+    data = _request(home, target, protocol.KvReq(put=[(key, _kv_value(value, file, hex_value))]))
+    _print_json({"key": key, "commit": data["commit"]}) if as_json else typer.echo(f"Committed {key} (commit {data['commit']}).")
+
+
+@kv_app.command("del")
+def kv_del(keys: list[str] = typer.Argument(..., help="One or more keys, deleted in one transaction."),
+           home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """Delete keys (all in one transaction)."""
+    from kernel import protocol
+
+    data = _request(home, target, protocol.KvReq(put=[(k, None) for k in keys]))
+    _print_json({"keys": keys, "commit": data["commit"]}) if as_json else \
+        typer.echo(f"Deleted {', '.join(keys)} (commit {data['commit']}).")
+
+
+@kv_app.command("scan")
+def kv_scan(prefix: str = typer.Argument("", help="Key prefix (default: every key)."),
+            limit: int = typer.Option(100, "--limit", help="At most this many pairs."),
+            home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """List the pairs whose key starts with PREFIX, in key order."""
+    from kernel import protocol
+    from lugh_sdk import views
+
+    items, after, more = [], "", True
+    with _client(home, target) as client:
+        while more and len(items) < limit:
+            page = client.request(protocol.KvScanReq(prefix=prefix, after=after, limit=min(1000, limit - len(items))))
+            items += page["items"]
+            after, more = page["after"], page["more"]
+    if as_json:
+        _print_json({"prefix": prefix, "items": [{"key": k, **views.value_fields(v)} for k, v in items], "more": more})
+    else:
+        views.print_kv_scan(prefix, items, more)
+
+
+@kv_app.command("history")
+def kv_history(key: Optional[str] = typer.Argument(None, help="A key: its versions (default: the last commits)."),
+               limit: int = typer.Option(20, "--limit", help="At most this many entries."),
+               before: int = typer.Option(0, "--before", help="Only commits before this sequence number."),
+               home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """The last commits (sequence number, time, who, keys), or the versions of one key."""
+    from kernel import protocol
+    from lugh_sdk import views
+
+    data = _request(home, target, protocol.KvHistoryReq(key=key, limit=limit, before=before))
+    if not as_json:
+        return views.print_kv_history(key, data)
+    for v in data.get("versions", []):
+        v.update(views.value_fields(v.pop("before"), "before"), **views.value_fields(v.pop("after"), "after"))
+    _print_json(data)
+
+
+@kv_app.command("rollback")
+def kv_rollback(seq: int = typer.Argument(..., help="Restore the data as it was right after this commit."),
+                yes: bool = typer.Option(False, "--yes", "-y", help="Do not ask for confirmation."),
+                home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """Restore the state as of commit SEQ, as a new commit (journaled; it can itself be rolled back)."""
+    from kernel import protocol
+
+    if not yes and not typer.confirm(f"Restore every key changed since commit {seq} to its value then?"):
+        raise typer.Exit(1)
+    data = _request(home, target, protocol.KvRollbackReq(to_seq=seq), timeout=150)
+    if as_json:
+        _print_json(data)
+    elif data["restored"]:
+        typer.echo(f"Restored the state as of commit {seq}: {data['restored']} keys rewritten in commit "
+                   f"{data['commit']} (undo: lugh kv rollback {data['commit'] - 1}).")
+    else:
+        typer.echo(f"Nothing changed since commit {seq}.")
+
+
+@kv_app.command("compact")
+def kv_compact(keep: int = typer.Option(..., "--keep", help="Keep the history of this many last commits."),
+               home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """Drop older history (rollback cannot go back further than the kept commits)."""
+    from kernel import protocol
+
+    data = _request(home, target, protocol.KvCompactReq(keep=keep), timeout=150)
+    _print_json(data) if as_json else typer.echo(
+        f"Dropped the history of {data['removed']} commits; rollback can go back to commit {data['horizon']}.")
+
+
+@kv_app.command("stats")
+def kv_stats(home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
+    """Keys, last commit, history kept, group commits, open transactions."""
+    from kernel import protocol
+
+    data = _request(home, target, protocol.KvStatsReq())
+    if as_json:
+        _print_json(data)
+    else:
+        for name in sorted(data):
+            typer.echo(f"{name:>18}: {data[name]}")
+
+
+@app.command()
+def restart(service: str = typer.Argument(..., help="The service: scheduler, storage, monitor, rs, w0..."),
+            home: Optional[Path] = HomeOpt, target: str = TargetOpt):
+    """Restart a service now; also brings a failed service out of its safe mode."""
+    from kernel import protocol
+
+    data = _request(home, target, protocol.ServiceRestartReq(service=service))
+    typer.echo(f"Restarting {service}" + (" (it was in safe mode)." if data["was_failed"] else "."))
+
+
+@app.command()
+def chaos(
+    duration: float = typer.Option(30.0, "--duration", help="Seconds of fault injection."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="The same seed injects the same faults (default: random, printed)."),
+    rate: float = typer.Option(1.0, "--rate", help="Faults per second, on average."),
+    faults: str = typer.Option("kill,hang,raise", "--faults", help="Which kinds: kill (-9), hang (SIGSTOP), raise (in a plugin hook)."),
+    services: Optional[str] = typer.Option(None, "--services", help="Comma-separated services (default: all, the reincarnation server included)."),
+    home: Optional[Path] = HomeOpt,
+    target: str = TargetOpt,
+    as_json: bool = JsonOpt,
+):
+    """Inject faults into random services at random times; print what was injected and what recovered."""
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    from lugh_sdk import chaos as chaos_mod, views
+    from lugh_sdk.errors import LughError
+
+    if target != "local":
+        raise LughError("lugh chaos kills and stops processes on this machine: only the local target")
+    kinds = [k.strip() for k in faults.split(",") if k.strip()]
+    names = [s.strip() for s in services.split(",") if s.strip()] if services else None
+    with Progress(TextColumn("chaos"), BarColumn(), TextColumn("{task.fields[n]} faults"), TimeRemainingColumn(),
+                  transient=True, disable=as_json) as bar:
+        task = bar.add_task("chaos", total=duration, n=0)
+        report = chaos_mod.run(_home(home), duration=duration, seed=seed, rate=rate, kinds=kinds, services=names,
+                               on_progress=lambda elapsed, n: bar.update(task, completed=min(elapsed, duration), n=n))
+    _print_json(report) if as_json else views.print_chaos(report)
+    if report["summary"]["not_recovered"]:
         raise typer.Exit(1)
 
 
@@ -176,15 +368,23 @@ def log(limit: int = typer.Option(0, help="Only the last N records."), home: Opt
 
 @app.command()
 def demo(
-    duration: float = typer.Option(40.0, help="Seconds of workload; the swap happens half-way."),
+    duration: float = typer.Option(40.0, help="Seconds of workload; the swaps happen at one and two thirds."),
     home: Optional[Path] = HomeOpt,
 ):
-    """Boot the energy-grid demo, swap round-robin to priority live half-way, report, stop."""
+    """Boot the energy-grid demo; swap round-robin to priority live, then install edf and swap to it; report, stop."""
     from lugh_sdk import demo as demo_mod
 
     ok = demo_mod.run(_home(home) if home else None, duration=duration)
     if not ok:
         raise typer.Exit(1)
+
+
+from lugh_sdk import cli_vendor  # noqa: E402  (the vendor's commands: new, check, build, publish)
+
+cli_vendor.register(app)
+from lugh_sdk import cli_registry  # noqa: E402  (keys, registry, search, info, install, list, uninstall, rollback)
+
+cli_registry.register(app)
 
 
 def main() -> None:

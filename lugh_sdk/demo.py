@@ -2,8 +2,11 @@
 
 Boots a kernel (in a temporary home unless one is given) with the 50-task grid
 workload under round-robin, shows tasks, dispatch rate, deadline misses and service
-health, swaps to the priority scheduler half-way, prints what the swap cost (the
-longest dispatch gap, jobs and messages lost) and shuts everything down.
+health; a third of the way through swaps live to the priority scheduler, two thirds of
+the way through runs ``lugh install edf-scheduler --swap`` (the target verifies the
+first-party EDF release against this machine's registry, then swaps to it live);
+prints what each swap cost (the longest dispatch gap, jobs and messages lost) and
+shuts everything down. About a minute with the default 40 s of workload.
 """
 
 from __future__ import annotations
@@ -81,21 +84,36 @@ def run(home: Path | None = None, duration: float = 40.0) -> bool:
         with KernelClient(home) as client:
             interactive = console.is_terminal
             with Live(console=console, refresh_per_second=4) if interactive else _nothing() as live:
-                before = _watch(client, duration / 2, "round-robin", live if interactive else None)
+                before = _watch(client, duration / 3, "round-robin", live if interactive else None)
                 swap = client.request(protocol.SwapReq(service="scheduler", plugin="priority"), timeout=120)
-                after = _watch(client, duration / 2, "after live swap", live if interactive else None)
+                middle = _watch(client, duration / 3, "priority, after a live swap", live if interactive else None)
+                edf = client.request(protocol.InstallReq(name="edf-scheduler", swap=True), timeout=120)
+                after = _watch(client, duration / 3, "edf, installed and swapped live",
+                               live if interactive else None)
             views.print_swap(swap)
+            if edf["swap"]:
+                views.print_swap(edf["swap"])
+            how = "already installed, verified" if edf["already_installed"] else "installed"
+            console.print(f"lugh install edf-scheduler --swap: {edf['name']} {edf['version']} from registry "
+                          f"{edf['registry']} (vendor {edf['vendor']}), signature and files {how}; "
+                          f"committed={edf['committed']} in {edf['duration_ms']:.0f} ms.")
             views.print_status(after)
             lost_jobs = after["tasks"]["released"] - after["tasks"]["completed"] - after["tasks"]["ready"]
+            swaps = [swap] + ([edf["swap"]] if edf["swap"] else [])
             console.print(
                 f"\nLive swap round-robin -> priority: committed={swap['committed']}, "
                 f"longest dispatch gap {swap['max_dispatch_gap_ms']} ms, "
                 f"jobs lost {swap['jobs_lost']}, messages lost {swap['messages_lost']}.\n"
-                f"Deadline misses: {before['tasks']['missed']} in the first half (round-robin), "
-                f"{after['tasks']['missed'] - before['tasks']['missed']} in the second (priority). "
+                + (f"Install and live swap priority -> edf: committed={edf['committed']}, longest dispatch gap "
+                   f"{edf['swap']['max_dispatch_gap_ms']} ms, jobs lost {edf['swap']['jobs_lost']}, "
+                   f"messages lost {edf['swap']['messages_lost']}.\n" if edf["swap"] else "")
+                + f"Deadline misses: {before['tasks']['missed']} in the first third (round-robin), "
+                f"{middle['tasks']['missed'] - before['tasks']['missed']} in the second (priority), "
+                f"{after['tasks']['missed'] - middle['tasks']['missed']} in the last (edf). "
                 f"Jobs released {after['tasks']['released']}, completed {after['tasks']['completed']}, "
                 f"still ready {after['tasks']['ready']}, lost {lost_jobs}.")
-            ok = swap["committed"] and swap["jobs_lost"] == 0 and swap["messages_lost"] == 0 and lost_jobs == 0
+            ok = (edf["committed"] and lost_jobs == 0
+                  and all(s["committed"] and s["jobs_lost"] == 0 and s["messages_lost"] == 0 for s in swaps))
     finally:
         runtime.down(home)
         console.print(f"Shut down cleanly after {time.monotonic() - started:.0f}s.")

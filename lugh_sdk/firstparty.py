@@ -1,14 +1,22 @@
-"""First-party plugins reach this machine from the working tree (plugins/): each is
-built into a wheel by poetry-core and installed into the home's plugin store exactly as
-any installed plugin (same RECORD verification, same entry-point loading by the
-service host). A plugin whose sources changed since its last install is rebuilt.
+"""First-party plugins reach this machine by the same path as any vendor's: on first
+use (``lugh up``, ``lugh demo``) each plugin in plugins/ is built into a wheel by
+poetry-core, signed by a vendor key created for this machine (``lughos-firstparty``,
+vendor ``lughos`` of the machine's own registry, :mod:`registry.local`), published into
+``LUGH_HOME/registry``, and installed through the target's verified install path
+(:mod:`kernel.install`: TUF verification, staging, journal, pin, atomic activation).
+
+Boot stays fast: wheels are cached per source state (:func:`cached_wheel`), and when
+every first-party plugin is installed from its current sources nothing is imported
+beyond a look at the registry's timestamp expiry. A plugin whose sources changed
+under an already published version is refused, as for any vendor: published versions
+are immutable (bump the version, or use a fresh ``LUGH_HOME``).
 """
 
 from __future__ import annotations
 
 import hashlib
-import os
 import json
+import os
 import subprocess
 import sys
 import tempfile
@@ -18,7 +26,8 @@ from kernel import plugin_store
 from lugh_sdk.client import LughError
 from lugh_sdk.home import source_root
 
-FIRST_PARTY = ("round-robin-scheduler", "priority-scheduler", "edf-scheduler", "sqlite-storage", "heartbeat-monitor")
+FIRST_PARTY = ("round-robin-scheduler", "priority-scheduler", "edf-scheduler", "sqlite-storage", "memory-storage",
+               "heartbeat-monitor")
 
 
 def plugins_source() -> Path:
@@ -64,20 +73,60 @@ def cached_wheel(project: Path, digest: str) -> Path:
     return next(slot.glob("*.whl"))
 
 
+VENDOR = "lughos"
+KEY_NAME = "lughos-firstparty"
+
+
 def ensure_installed(home: Path, names=FIRST_PARTY) -> list[str]:
-    """Install (or refresh) the first-party plugins; returns those (re)installed."""
+    """Publish and install (or refresh) the first-party plugins; returns those
+    (re)installed. No kernel may be running for ``home`` (``lugh up`` checks)."""
     store = plugin_store.plugins_dir(home)
     store.mkdir(parents=True, exist_ok=True)
     index_path = store / ".first-party.json"
     index = json.loads(index_path.read_text()) if index_path.exists() else {}
-    changed = []
+    installed = plugin_store.installed(home)
+    todo = []
     for name in names:
         project = plugins_source() / name
         digest = source_digest(project)
-        if index.get(name) == digest and name in plugin_store.installed(home):
-            continue
-        plugin_store.install_wheel(home, cached_wheel(project, digest), replace=True)
-        index[name] = digest
-        changed.append(name)
-    index_path.write_text(json.dumps(index, indent=2))
+        pinned = name in installed and plugin_store.read_pin(home, name, installed[name][-1]) is not None
+        if index.get(name) != digest or not pinned:  # (no pin: installed by a LughOS before the registry)
+            todo.append((name, project, digest))
+    if not todo:
+        from registry import local  # light: TUF is imported only if the timestamp needs re-signing
+
+        if local.needs_refresh(home):
+            local.ensure(home)  # re-signs snapshot and timestamp
+        return []
+    from kernel import install
+    from registry import local, publish, trust
+    from registry.client import Session
+
+    key = local.ensure_vendor(home, VENDOR, list(FIRST_PARTY), KEY_NAME)
+    wheels = {name: cached_wheel(project, digest) for name, project, digest in todo}
+    try:
+        published = publish.publish_many(local.registry_dir(home), list(wheels.values()), VENDOR, key, home=home,
+                                         skip_identical=True)
+    except plugin_store.PluginError as exc:
+        raise LughError(f"first-party plugins could not be published to this machine's registry: {exc}. "
+                        f"If a plugin in plugins/ changed, bump its version (pyproject.toml and "
+                        f"lugh-plugin.toml), or start from a fresh LUGH_HOME") from None
+    target = install.OfflineTarget(home)
+    session = Session(trust.get(home, trust.LOCAL))
+    changed = []
+    try:
+        for (name, _, digest), release in zip(todo, published):
+            pin = plugin_store.read_pin(home, name, release["version"])
+            if release["version"] in installed.get(name, []) and (pin or {}).get("wheel_sha256") != release["sha256"]:
+                # installed by an earlier LughOS straight from the sources: replace it
+                install.uninstall(target, name, release["version"], force=True)
+            result = install.install(target, name, release["version"], session=session, provisioning=True)
+            index[name] = digest
+            if result["installed"]:
+                changed.append(name)
+    finally:
+        session.close()
+        target.close()
+        index_path.write_text(json.dumps(index, indent=2))
     return changed
+

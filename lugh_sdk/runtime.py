@@ -35,10 +35,18 @@ def all_up(status: dict) -> bool:
     return all(s["state"] == "up" for s in status["services"])
 
 
+def settled(status: dict) -> bool:
+    """Every service is up, or was declared failed (its reincarnation server gave up:
+    e.g. storage refusing a corrupt data set). The kernel runs on in that service's safe
+    mode, and `lugh status` shows why it failed."""
+    return all(s["state"] in ("up", "failed") for s in status["services"])
+
+
 def up(home: Path, *, workload: str = "grid", heartbeat: float = 0.1, workers: int = 3,
-       timeout: float = BOOT_TIMEOUT, extra_env: dict | None = None) -> dict:
+       timeout: float = BOOT_TIMEOUT, extra_env: dict | None = None, kernel_args: list | None = None) -> dict:
     """Start a kernel in its own session and return its status once every service is
-    healthy. Refuses, changing nothing, if one is already running for ``home``."""
+    healthy, or failed for good (see :func:`settled`; the status says which and why).
+    Refuses, changing nothing, if one is already running for ``home``."""
     with KernelClient(home, timeout=2.0) as client:
         if client.is_running():
             status = client.request(protocol.StatusReq())
@@ -47,7 +55,7 @@ def up(home: Path, *, workload: str = "grid", heartbeat: float = 0.1, workers: i
     run = paths.run_dir(home)
     log = open(run / "kernel.log", "ab")
     cmd = [sys.executable, "-m", "kernel", "--home", str(home), "--workload", workload,
-           "--heartbeat", str(heartbeat), "--workers", str(workers)]
+           "--heartbeat", str(heartbeat), "--workers", str(workers)] + list(kernel_args or [])  # e.g. --listen
     env = dict(os.environ, **(extra_env or {}))
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(firstparty.source_root()), env.get("PYTHONPATH", "")]))
     proc = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
@@ -64,7 +72,7 @@ def up(home: Path, *, workload: str = "grid", heartbeat: float = 0.1, workers: i
                                 + _tail(run / "kernel.log"))
             try:
                 status = client.request(protocol.StatusReq())
-                if all_up(status):
+                if settled(status):
                     return status
             except LughError:
                 pass

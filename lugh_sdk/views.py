@@ -18,16 +18,39 @@ def _mib(n: int) -> str:
 
 def services_table(status: dict) -> Table:
     t = Table(title="Services", title_justify="left")
-    for col in ("service", "state", "pid", "plugin", "uptime", "restarts", "incarnation", "memory (rss/budget)", "shm", "last failure"):
+    for col in ("service", "state", "pid", "plugin", "uptime", "restarts", "incarnation", "standby", "memory (rss/budget)", "shm", "last failure"):
         t.add_column(col)
     for s in status["services"]:
         state = s["state"]
         style = {"up": "green", "down": "yellow", "failed": "red"}.get(state, "")
         plugin = f"{s['plugin']} {s['version']}".strip() or "-"
+        standby = s.get("standby")
+        failure = (s["last_failure"] or "")[:60]
+        if s.get("safe_mode"):  # the reincarnation server gave up: what the kernel does instead
+            failure = f"[red]safe mode:[/] {s['safe_mode']}; {failure}"
         t.add_row(s["name"], f"[{style}]{state}[/]", str(s["pid"] or "-"), plugin, f"{s['uptime_s']:.0f}s",
-                  str(s["restarts"]), str(s["incarnation"]), f"{_mib(s['memory_rss'])} / {_mib(s['memory_budget'])}",
-                  _mib(s["shm_bytes"]), (s["last_failure"] or "")[:60])
+                  str(s["restarts"]), str(s["incarnation"]),
+                  f"{standby['pid']} ({standby['state']})" if standby else "-",
+                  f"{_mib(s['memory_rss'])} / {_mib(s['memory_budget'])}", _mib(s["shm_bytes"]), failure)
     return t
+
+
+def print_chaos(report: dict) -> None:
+    """`lugh chaos`: what was injected, and what was recovered."""
+    t = Table(title=f"Faults injected (seed {report['seed']})", title_justify="left")
+    for col in ("#", "at s", "service", "fault", "pid", "outcome", "back after ms", "detail"):
+        t.add_column(col)
+    for f in report["faults"]:
+        style = "green" if f["outcome"] == "recovered" else "yellow" if f["outcome"] == "skipped" else "red"
+        t.add_row(str(f["n"]), f"{f['injected_at_s'] if f['injected_at_s'] is not None else '-'}", f["service"],
+                  f["kind"], str(f["pid"] or "-"), f"[{style}]{f['outcome']}[/]",
+                  "-" if f["recovered_after_ms"] is None else f"{f['recovered_after_ms']:.0f}", f["detail"][:60])
+    console.print(t)
+    s = report["summary"]
+    console.print(f"{s['injected']} faults injected in {report['duration_s']} s ({', '.join(f'{k} {v}' for k, v in s['by_kind'].items())}); "
+                  f"[green]{s['recovered']} recovered[/], "
+                  + (f"[red]{s['not_recovered']} not recovered[/]" if s["not_recovered"] else "0 not recovered")
+                  + f", {s['skipped']} skipped; recovery median {s['recovery_median_ms']} ms, max {s['recovery_max_ms']} ms.")
 
 
 def lanes_table(status: dict) -> Table:
@@ -102,6 +125,60 @@ def print_log(data: dict) -> None:
     console.print(t)
     for p in data.get("problems", []):
         console.print(f"[yellow]warning:[/] {p}")
+
+
+def show_value(value: bytes | None, limit: int = 0) -> str:
+    """A stored value for people: its text if it is printable UTF-8, else hex."""
+    if value is None:
+        return "-"
+    try:
+        text = value.decode()
+        shown = text if text.isprintable() or not text else "hex:" + value.hex()
+    except UnicodeDecodeError:
+        shown = "hex:" + value.hex()
+    return shown if not limit or len(shown) <= limit else shown[:limit - 1] + "…"
+
+
+def value_fields(value: bytes | None, name: str = "value") -> dict:
+    """A value for JSON: ``{name: text}`` when it is UTF-8, else ``{name_hex: hex}``."""
+    if value is None:
+        return {name: None}
+    try:
+        return {name: value.decode()}
+    except UnicodeDecodeError:
+        return {name + "_hex": value.hex()}
+
+
+def _when(at: float) -> str:
+    return datetime.datetime.fromtimestamp(at).strftime("%Y-%m-%d %H:%M:%S.%f")[:-3]
+
+
+def print_kv_scan(prefix: str, items: list, more: bool) -> None:
+    t = Table(title=f"Keys under {prefix!r}" if prefix else "Keys", title_justify="left")
+    for col in ("key", "bytes", "value"):
+        t.add_column(col)
+    for key, value in items:
+        t.add_row(key, str(len(value)), show_value(value, 60))
+    console.print(t)
+    if more:
+        console.print("(more: raise --limit)")
+
+
+def print_kv_history(key: str | None, data: dict) -> None:
+    if key is None:
+        t = Table(title="Commits, newest first", title_justify="left")
+        for col in ("seq", "time", "by", "keys changed"):
+            t.add_column(col)
+        for c in data["commits"]:
+            keys = ", ".join(c["keys"]) + (f" (+{c['changed'] - len(c['keys'])} more)" if c["changed"] > len(c["keys"]) else "")
+            t.add_row(str(c["seq"]), _when(c["at"]), c["label"], keys)
+    else:
+        t = Table(title=f"Versions of {key!r}, newest first", title_justify="left")
+        for col in ("seq", "time", "by", "before", "after"):
+            t.add_column(col)
+        for v in data["versions"]:
+            t.add_row(str(v["seq"]), _when(v["at"]), v["label"], show_value(v["before"], 40), show_value(v["after"], 40))
+    console.print(t)
 
 
 def watch(home, period: float = 1.0) -> None:

@@ -4,6 +4,7 @@ is left."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from pathlib import Path
@@ -94,17 +95,30 @@ def boot(home: Path, **kw) -> Running:
     return Running(home)
 
 
-@pytest.fixture
-def kernel(home):
-    running = boot(home)
+def down_and_check(running: Running, pids: list[int]) -> None:
+    """Stop the kernel of ``running``; every process of it (``pids``, and any later
+    incarnation) must be gone."""
+    running.client.close()
+    runtime.down(running.home)
+    deadline = time.monotonic() + 10
+    while (pids_alive(pids) or processes_of(running.home)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert pids_alive(pids) == [] and processes_of(running.home) == [], "processes left behind"
+
+
+@contextlib.contextmanager
+def running_kernel(home: Path, **kw):
+    """A kernel booted with ``boot(home, **kw)``, stopped on the way out with
+    :func:`down_and_check`."""
+    running = boot(home, **kw)
     pids = running.pids()
     try:
         yield running
     finally:
-        running.client.close()
-        runtime.down(home)
-        # every process of this kernel (also later incarnations) must be gone
-        deadline = time.monotonic() + 10
-        while (pids_alive(pids) or processes_of(home)) and time.monotonic() < deadline:
-            time.sleep(0.05)
-        assert pids_alive(pids) == [] and processes_of(home) == [], "processes left behind"
+        down_and_check(running, pids)
+
+
+@pytest.fixture
+def kernel(home):
+    with running_kernel(home) as running:
+        yield running

@@ -205,7 +205,7 @@ def test_a_failed_swap_rolls_back_to_the_old_scheduler(busy, plugin, step):
 @pytest.mark.parametrize("service, plugin, error", [
     ("scheduler", "no-such", "no plugin 'no-such' is installed"),
     ("scheduler", "sqlite-storage", "sqlite-storage is a storage plugin, a scheduler plugin is needed"),
-    ("storage", "sqlite", "cannot be swapped"),
+    ("monitor", "heartbeat", "cannot be swapped"),  # storage swaps: tests/test_storage.py
 ])
 def test_a_swap_that_cannot_be_done_is_refused_and_changes_nothing(busy, service, plugin, error):
     def services(st):

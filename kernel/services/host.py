@@ -1,7 +1,8 @@
 """The service host: one process, one plugin. ``python -m kernel.services.host``.
 
-Order matters and is the point of this module: verify the plugin's files against the
-installed RECORD, check its manifest (kind, plugin API, architecture, Python), and only
+Order matters and is the point of this module: verify the plugin's installed RECORD
+against the digest pinned outside its directory at installation, and its files against
+that RECORD, check its manifest (kind, plugin API, architecture, Python), and only
 then import it, through its ``lugh.plugins`` entry point, into a pluggy PluginManager
 that knows only the hookspecs of its kind. pluggy's own ``load_setuptools_entrypoints``
 is not used: it would import whatever is on the path without checking it.
@@ -30,8 +31,9 @@ EXIT_PLUGIN_REFUSED = 3
 
 
 def load_plugin(plugin_dir: Path, kind: str) -> tuple[pluggy.PluginManager, plugin_store.Manifest]:
-    """Verify, check and load the plugin installed in ``plugin_dir``."""
-    plugin_store.verify_files(plugin_dir)
+    """Verify (RECORD against the pin taken at installation, every file against
+    RECORD), check and load the plugin installed in ``plugin_dir``."""
+    plugin_store.verify_installed(plugin_dir)
     manifest = plugin_store.read_manifest(plugin_dir)
     plugin_store.check_compatible(manifest, kind=kind)
     dists = list(importlib.metadata.distributions(path=[str(plugin_dir)]))
@@ -51,6 +53,31 @@ def load_plugin(plugin_dir: Path, kind: str) -> tuple[pluggy.PluginManager, plug
     return pm, manifest
 
 
+class InjectedFault(RuntimeError):
+    """Raised into a plugin hook call by `lugh chaos`."""
+
+
+class FaultInjector:
+    """`lugh chaos` makes a plugin raise: once armed (``InjectFault`` from the kernel),
+    the plugin's next hook call raises, out of the pluggy hook call exactly where an
+    exception of the plugin's own would come out, so the service's real error path runs.
+    The tracer is only installed while armed: nothing is paid otherwise."""
+
+    def __init__(self, pm: pluggy.PluginManager):
+        self.pm = pm
+        self._undo = None
+
+    def arm(self, fault: str) -> None:
+        if self._undo is None:
+            self._undo = self.pm.add_hookcall_monitoring(self._before, lambda *a: None)
+
+    def _before(self, hook_name, hook_impls, kwargs) -> None:
+        undo, self._undo = self._undo, None
+        if undo is not None:
+            undo()
+            raise InjectedFault(f"fault injected into {hook_name} by lugh chaos")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernel.services.host")
     parser.add_argument("--peer", required=True)
@@ -58,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--plugin-dir", required=True, type=Path)
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--heartbeat", type=float, default=0.1)
+    parser.add_argument("--standby", action="store_true", help="hot standby: loaded, waiting until promoted")
     args = parser.parse_args(argv)
     die_with_parent(int(os.environ["LUGH_PARENT_PID"]))
     try:
@@ -67,13 +95,30 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_PLUGIN_REFUSED
     stream = loop.Stream()
     module = importlib.import_module(f"kernel.services.{args.kind}")
+    link = promote = None
+    if args.standby:
+        # A hot standby: started, verified and imported; the service itself (its data
+        # set opened, its position read) is built only when it takes over, so that it
+        # starts from what the failed incarnation left.
+        link = loop.connect_from_env(args.peer, plugin=manifest.name, plugin_version=manifest.version)
+        promote = loop.await_promotion(link, args.heartbeat)
+        if promote is None:
+            link.close()
+            return 0
     try:
         server = module.Server(pm.hook, stream, args)
     except Exception as exc:
         loop.report_error(f"{manifest.name} failed to start", exc)
+        if promote is not None:
+            loop.promoted(link, promote, stream, error=f"{type(exc).__name__}: {exc}")
+            link.close()
         return EXIT_PLUGIN_REFUSED
-    link = loop.connect_from_env(args.peer, plugin=manifest.name, plugin_version=manifest.version,
-                                 applied_seq=stream.position())
+    server.inject_fault = FaultInjector(pm).arm
+    if promote is None:
+        link = loop.connect_from_env(args.peer, plugin=manifest.name, plugin_version=manifest.version,
+                                     applied_seq=stream.position())
+    else:
+        loop.promoted(link, promote, stream)
     try:
         loop.serve(link, server, stream, args.heartbeat)
     finally:

@@ -97,10 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="kernel.services.worker")
     parser.add_argument("--peer", required=True)
     parser.add_argument("--heartbeat", type=float, default=0.1)
+    parser.add_argument("--standby", action="store_true", help="hot standby: wait, started, until promoted")
     args = parser.parse_args(argv)
     die_with_parent(int(os.environ["LUGH_PARENT_PID"]))
     link = loop.connect_from_env(args.peer)
     try:
+        if args.standby:
+            promote = loop.await_promotion(link, args.heartbeat)
+            if promote is None:
+                return 0
+            loop.promoted(link, promote, loop.Stream())
         loop.serve(link, Server(link), loop.Stream(), args.heartbeat)
     finally:
         link.close()

@@ -10,9 +10,9 @@ not contain the running version, before it imports a single line of the plugin.
 """
 
 from lugh_sdk.api.markers import hookimpl, hookspec, PROJECT
-from lugh_sdk.api.types import Job, SchedulerState, StateError, Task
+from lugh_sdk.api.types import Commit, Job, SchedulerState, StateError, StorageError, Task, Version
 
-PLUGIN_API_VERSION = "1.0"
+PLUGIN_API_VERSION = "1.1"  # 1.1: the storage hooks beyond the minimal set (lugh_sdk.api.storage)
 KINDS = ("scheduler", "storage", "monitor")
 
 __all__ = [
@@ -25,4 +25,7 @@ __all__ = [
     "Task",
     "SchedulerState",
     "StateError",
+    "Commit",
+    "Version",
+    "StorageError",
 ]

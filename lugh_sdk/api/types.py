@@ -77,3 +77,39 @@ def check_state(state: SchedulerState) -> None:
         if job.id in seen:
             raise StateError(f"ready job {job.id} is listed twice")
         seen.add(job.id)
+
+
+# --- storage (plugin API 1.1) ------------------------------------------------------------
+
+class Commit(msgspec.Struct, kw_only=True):
+    """One committed transaction, as ``storage_history`` lists it. ``keys`` are the
+    first keys it changed (sorted, at most ``HISTORY_KEYS``); ``changed`` counts them all."""
+
+    seq: int
+    at: float  # wall-clock seconds, for people reading the history; never for decisions
+    label: str = ""  # who or what: the client peer, "ctl", "rollback to 42"...
+    changed: int = 0
+    keys: list[str] = []
+
+
+class Version(msgspec.Struct, kw_only=True):
+    """What commit ``seq`` did to one key: its value before and after (None: absent)."""
+
+    seq: int
+    at: float
+    label: str = ""
+    before: bytes | None = None
+    after: bytes | None = None
+
+
+HISTORY_KEYS = 32
+
+
+class StorageError(RuntimeError):
+    """A storage request that cannot be carried out; the message says why. Backends raise
+    it (or a subclass) for expected refusals; anything else is an internal failure."""
+
+
+class RollbackUnavailable(StorageError):
+    """The state asked for is older than the history a backend still keeps (compacted),
+    or newer than its last commit."""

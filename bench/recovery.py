@@ -1,0 +1,185 @@
+"""Recovery: crash-to-serving-again time with and without a hot standby, beside the bare
+cost of starting a Python process that imports pynng; and hang detection time against
+the heartbeat period.
+
+1. ``bare``: ``--bare`` times, start ``python -c "import pynng"`` (this interpreter, the
+   services' environment) and time it until it has imported pynng and said so. No
+   restart by process creation can be faster than this.
+2. ``crash``: a kernel with a few tasks; ``--rounds`` times, SIGKILL the active process
+   of the scheduler, the storage and the monitor in turn, and time from just before the
+   kill to the kernel's ``serving_at`` for the next incarnation (its first answer after it
+   got its state: the scheduler's import of the kernel's truth, the storage's replay),
+   on the same clock (CLOCK_MONOTONIC is machine-wide). Once with restarts by a new
+   process, once with a hot standby for each of the three (``standby = true``). The
+   policy is set so that every restart is immediate (``stable_s = 0``) and no service is
+   given up (``intensity``): the benchmark restarts the same services many times.
+3. ``hang``: for each heartbeat period in ``--periods``, a kernel whose services beat at
+   that period; ``--hangs`` times, SIGSTOP the monitor and time from just before the stop
+   to the kernel's hang verdict (``hang_detected_at``), beside the tolerance, three
+   periods (two missed heartbeats plus one period of jitter allowance).
+
+    python bench/recovery.py [--rounds 10] [--hangs 5] [--periods 20,50,100,200] [--json]
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+
+from bench._common import (arguments, emit, goal, percentile, progress, protocol, ratio, run,  # noqa: E402
+                           table, temporary_kernel)
+from kernel import supervision  # noqa: E402
+from lugh_sdk.api import Task  # noqa: E402
+
+SERVICES = ("scheduler", "storage", "monitor")
+TASKS = [Task(name="fast", period_ms=20, deadline_ms=20, budget_ms=1, priority=90, action="noop"),
+         Task(name="slow", period_ms=100, deadline_ms=100, budget_ms=2, priority=10, action="spin:1")]
+# Immediate restarts always, never given up: the benchmark restarts the same services over and over.
+POLICY = {"stable_s": 0.0, "intensity": 100_000}
+
+
+def ms(values: list[float]) -> dict:
+    s = sorted(values)
+    return {"count": len(s), "median_ms": round(percentile(s, 0.5) * 1000, 1),
+            "p99_ms": round(percentile(s, 0.99) * 1000, 1), "min_ms": round(s[0] * 1000, 1),
+            "max_ms": round(s[-1] * 1000, 1)}
+
+
+def bare_starts(count: int) -> list[float]:
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
+    out = []
+    for _ in range(count):
+        started = time.monotonic()
+        proc = subprocess.Popen([sys.executable, "-c", "import pynng, sys; sys.stdout.write('x'); sys.stdout.flush()"],
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+        proc.stdout.read(1)
+        out.append(time.monotonic() - started)
+        proc.wait()
+    return out
+
+
+def svc(status: dict, name: str) -> dict:
+    return next(s for s in status["services"] if s["name"] == name)
+
+
+def wait(bench, predicate, what: str, timeout: float = 60.0) -> dict:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        st = bench.status()
+        if predicate(st):
+            return st
+        time.sleep(0.01)
+    raise RuntimeError(f"timed out waiting for {what}")
+
+
+def settle(bench, standby: bool) -> None:
+    """Every service up (with its standby ready), then a moment for the CPU to calm."""
+    def ready(st):
+        return all(s["state"] == "up" and (not standby or s["name"] not in SERVICES
+                                           or (s["standby"] or {}).get("state") == "ready") for s in st["services"])
+    wait(bench, ready, "every service (and standby) ready")
+    time.sleep(0.3)
+
+
+def crash_round_trips(rounds: int, standby: bool) -> dict[str, list[float]]:
+    services = {name: {**POLICY, "standby": standby} for name in SERVICES}
+    prepare = lambda home: supervision.write(home, defaults=POLICY, services=services)
+    times: dict[str, list[float]] = {name: [] for name in SERVICES}
+    seen: dict[str, list[float]] = {name: [] for name in SERVICES}
+    hows: set = set()
+    with temporary_kernel("none", prepare=prepare) as bench:
+        for task in TASKS:
+            bench.request(protocol.TaskAddReq(task=task))
+        for i in range(rounds):
+            progress(f"crash round {i + 1}/{rounds} ({'hot standby' if standby else 'new process'})")
+            for name in SERVICES:
+                settle(bench, standby)
+                victim = svc(bench.status(), name)
+                killed = time.monotonic()
+                os.kill(victim["pid"], signal.SIGKILL)
+                st = wait(bench, lambda st: ((svc(st, name)["last_recovery"] or {}).get("peer") == victim["peer"]
+                                             and svc(st, name)["last_recovery"]["serving_at"]), f"{name} serving")
+                rec = svc(st, name)["last_recovery"]
+                times[name].append(rec["serving_at"] - killed)
+                seen[name].append(rec["down_at"] - killed)
+                hows.add(rec["how"])
+    expected = {"standby" if standby else "spawn"}
+    if hows != expected:
+        raise RuntimeError(f"restarts were made by {hows}, expected {expected}")
+    return {"serving": times, "exit_seen": seen}
+
+
+def hang_detections(period_ms: float, count: int) -> list[float]:
+    prepare = lambda home: supervision.write(home, defaults={**POLICY, "heartbeat_ms": period_ms})
+    out = []
+    with temporary_kernel("none", prepare=prepare) as bench:
+        for i in range(count):
+            settle(bench, False)
+            victim = svc(bench.status(), "monitor")
+            stopped = time.monotonic()
+            os.kill(victim["pid"], signal.SIGSTOP)
+            st = wait(bench, lambda st: (svc(st, "monitor")["last_recovery"] or {}).get("peer") == victim["peer"],
+                      "the hang to be seen")
+            out.append(svc(st, "monitor")["last_recovery"]["hang_detected_at"] - stopped)
+    return out
+
+
+def main() -> int:
+    parser = arguments(__doc__.splitlines()[0])
+    parser.add_argument("--rounds", type=int, default=10, help="kills of each service per configuration (default 10)")
+    parser.add_argument("--bare", type=int, default=20, help="bare interpreter starts (default 20)")
+    parser.add_argument("--hangs", type=int, default=5, help="hangs per heartbeat period (default 5)")
+    parser.add_argument("--periods", default="20,50,100,200", help="heartbeat periods, ms (default 20,50,100,200)")
+    args = parser.parse_args()
+
+    progress(f"{args.bare} bare starts of python + import pynng")
+    bare = ms(bare_starts(args.bare))
+    spawn = crash_round_trips(args.rounds, standby=False)
+    hot = crash_round_trips(args.rounds, standby=True)
+    hangs = {}
+    for period in [float(p) for p in args.periods.split(",")]:
+        progress(f"hang detection at a {period:g} ms heartbeat")
+        hangs[period] = ms(hang_detections(period, args.hangs))
+
+    all_spawn = ms([t for v in spawn["serving"].values() for t in v])
+    all_hot = ms([t for v in hot["serving"].values() for t in v])
+    rows = [["bare: python + import pynng", bare["median_ms"], bare["p99_ms"], "-", 1.0]]
+    for label, data, total in (("restart, new process", spawn, all_spawn), ("restart, hot standby", hot, all_hot)):
+        for name in SERVICES:
+            m = ms(data["serving"][name])
+            rows.append([f"{label}: {name}", m["median_ms"], m["p99_ms"], ms(data["exit_seen"][name])["median_ms"],
+                         ratio(m["median_ms"], bare["median_ms"])])
+        rows.append([f"{label}: all", total["median_ms"], total["p99_ms"],
+                     ms([t for v in data["exit_seen"].values() for t in v])["median_ms"],
+                     ratio(total["median_ms"], bare["median_ms"])])
+    text = "crash (SIGKILL) to serving again\n" + table(
+        ["", "median ms", "p99 ms", "exit seen ms", "median / bare"], rows)
+    hang_rows = [[f"{p:g} ms", round(3 * p, 1), h["median_ms"], h["p99_ms"], h["min_ms"], h["max_ms"],
+                  ratio(h["median_ms"], 3 * p)] for p, h in hangs.items()]
+    text += "\n\nhang (SIGSTOP) to the kernel's verdict\n" + table(
+        ["heartbeat", "tolerance ms", "median ms", "p99 ms", "min ms", "max ms", "median / tolerance"], hang_rows)
+    text += (f"\n\n{args.rounds} kills of each service per configuration; {args.hangs} hangs per period; "
+             f"standby takeover median is {ratio(all_hot['median_ms'], all_spawn['median_ms'])} of a new process's.")
+    result = {
+        "benchmark": "recovery",
+        "bare_python_pynng": bare,
+        "crash_to_serving": {"new_process": {n: ms(v) for n, v in spawn["serving"].items()} | {"all": all_spawn},
+                             "hot_standby": {n: ms(v) for n, v in hot["serving"].items()} | {"all": all_hot}},
+        "exit_seen": {"new_process": ms([t for v in spawn["exit_seen"].values() for t in v]),
+                      "hot_standby": ms([t for v in hot["exit_seen"].values() for t in v])},
+        "hang_detection": {f"{p:g}": {"tolerance_ms": 3 * p, **h} for p, h in hangs.items()},
+        "goal": goal("a hot standby serves again sooner than a bare python + pynng start (median ms)",
+                     value=all_hot["median_ms"], limit=bare["median_ms"]),
+    }
+    emit(result, args.json, text)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run(main))
