@@ -12,6 +12,7 @@ both on its ipc socket and on tls+tcp://127.0.0.1 with mutual TLS.
 
 from __future__ import annotations
 
+import os
 import sys
 import tempfile
 import time
@@ -69,7 +70,8 @@ def qemu_boot(arch: str) -> dict:
         with targets.client(home, "vm", timeout=300) as cli:
             swap_s = install_swap(cli, "edf-scheduler")
         return {"arch": arch, "up_to_healthy_s": round(boot_s, 1), "machine": status["kernel"]["machine"],
-                "install_swap_s": round(swap_s, 2)}
+                "install_swap_s": round(swap_s, 2), "cpu": os.environ.get("LUGH_QEMU_CPU") or qemu.TCG_CPU[arch],
+                "host_load_after": round(os.getloadavg()[0], 2)}
     finally:
         qemu.down(home, "vm", entry)
 
@@ -81,8 +83,9 @@ def main() -> int:
     parser.add_argument("--rounds", type=int, default=3)
     args = parser.parse_args()
     med = lambda xs: round(sorted(xs)[len(xs) // 2], 3) if xs else None
+    load_before = round(os.getloadavg()[0], 2)  # other work on the machine slows TCG most of all
     lt = local_vs_tls(args.rounds)
-    result = {"benchmark": "targets", "install_swap": {
+    result = {"benchmark": "targets", "host_load_before": load_before, "install_swap": {
         "local_median_s": med(lt["local_s"]), "tls_median_s": med(lt["tls_s"]),
         "tls_status_rtt_median_ms": med(lt["tls_status_rtt_ms"]), "samples": len(lt["local_s"])}}
     boots, skipped = [], None
@@ -105,8 +108,10 @@ def main() -> int:
                                                   ["remote (tls+tcp, loopback)", s["tls_median_s"]]])
     text += f"\nstatus round trip over mutual TLS: median {s['tls_status_rtt_median_ms']} ms"
     if boots:
-        text += "\n" + table(["QEMU target", "up -> healthy s", "install --swap s", "guest machine"],
-                             [[b["arch"], b["up_to_healthy_s"], b["install_swap_s"], b["machine"]] for b in boots])
+        text += "\n" + table(["QEMU target", "up -> healthy s", "install --swap s", "guest machine", "cpu", "load after"],
+                             [[b["arch"], b["up_to_healthy_s"], b["install_swap_s"], b["machine"], b["cpu"],
+                               b["host_load_after"]] for b in boots])
+    text += f"\nhost load average (1 min) at the start: {load_before}"
     if skipped:
         text += f"\nQEMU left out: {skipped}"
     emit(result, args.json, text)

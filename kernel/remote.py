@@ -42,6 +42,9 @@ class RemoteControlServer(ControlServer):
         self.sock.recv_max_size = protocol.MAX_MESSAGE_BYTES
         self.sock.send_timeout = 2000
         self.sock.listen(address)
+        # a QEMU target's host dials only after this line: QEMU's port forward accepts TCP
+        # before the guest listens, and NNG's TLS dial then waits without a timeout
+        print(f"{READY_LINE} {address}", flush=True)
         self.sock.recv_timeout = 200
         self.closing = False
         self.threads = [threading.Thread(target=self._serve, name=f"remote-control-{i}", daemon=True)

@@ -34,6 +34,26 @@ from lugh_sdk.errors import LughError
 
 BOOT_TIMEOUT = float(os.environ.get("LUGH_QEMU_BOOT_TIMEOUT", "600"))  # TCG on a busy 2-core machine
 GUEST_PORT = 7447
+# Under TCG the CPU model decides most of the boot time: with `-cpu max` the guest's
+# software uses features that TCG emulates slowly (pointer authentication, computed in
+# software, on every function call of Debian's arm64 binaries; on x86_64 most likely
+# the wide vector routines glibc selects). `lugh up` to a healthy kernel on 2 busy
+# cores: x86_64 151 s with max, 34 s with qemu64; aarch64 381 s with max, 36 s with
+# cortex-a72 (ARMv8.0: no pointer authentication). LUGH_QEMU_CPU overrides it.
+TCG_CPU = {"x86_64": "qemu64", "aarch64": "cortex-a72"}
+# The swap's timeouts inside a guest (kernel/swap.py): its defaults suit a kernel on the
+# host, where a new plugin host starts in about a second and answers a step in
+# milliseconds. Under TCG on a loaded host both take far longer (at a host load of 23 an
+# x86_64 guest's scheduler took over 3 s to import the swap's state), and a swap that
+# times out rolls back. Likewise a service's start (kernel/supervisor.py): at a host
+# load of 20 a guest's services took more than the 30 s allowed on the host to connect,
+# were restarted, and the boot never converged. And the scheduler's ejection
+# (kernel/core.py, 0.5 s without a decision): an aarch64 guest's install refused twice
+# with "the scheduler service is not running; nothing to swap from" -- most likely the
+# scheduler was ejected while the kernel's control thread imported the registry's code
+# (the loop then gets the GIL late and reads the scheduler's answers late).
+GUEST_KERNEL_ENV = {"LUGH_SWAP_SPAWN_TIMEOUT": "120", "LUGH_SWAP_STEP_TIMEOUT": "30", "LUGH_START_TIMEOUT": "300",
+                    "LUGH_EJECT_AFTER": "5"}
 
 
 def cache_dir() -> Path:
@@ -133,6 +153,7 @@ def prepare_guest(home: Path, name: str, entry: dict, workload: str) -> Path:
         f"LUGH_PYTHON='{python}'\nLUGH_PYTHONPATH='{pythonpath}'\nLUGH_WORKLOAD='{workload}'\n"
         f"LUGH_GUEST_PORT='{entry.get('guest_port', GUEST_PORT)}'\n"
         f"LUGH_DEBUG='{os.environ.get('LUGH_QEMU_DEBUG', '')}'\n"
+        f"LUGH_KERNEL_ENV='{' '.join(f'{k}={v}' for k, v in GUEST_KERNEL_ENV.items())}'\n"
         # one worker and a slower heartbeat: under TCG every process costs much
         f"LUGH_KERNEL_ARGS='{os.environ.get('LUGH_QEMU_KERNEL_ARGS', '--workers 1 --heartbeat 2')}'\n")
     return guest
@@ -160,11 +181,12 @@ def command(home: Path, name: str, entry: dict, accel: str) -> list[str]:
     _, port = parse_address(entry["address"])
     root = "/" if arch == "x86_64" else str(files["root"])
     share = lambda path, tag: ["-virtfs", f"local,path={path},mount_tag={tag},security_model=none,readonly=on,multidevs=remap"]
+    cpu = os.environ.get("LUGH_QEMU_CPU") or ("host" if accel == "kvm" else TCG_CPU[arch])
     if arch == "x86_64":
-        machine = ["-machine", "q35", "-cpu", "max" if accel == "tcg" else "host"]
+        machine = ["-machine", "q35", "-cpu", cpu]
         console = "ttyS0"
     else:
-        machine = ["-machine", "virt", "-cpu", "max" if accel == "tcg" else "host"]
+        machine = ["-machine", "virt", "-cpu", cpu]
         console = "ttyAMA0"
     return [f"qemu-system-{arch}", *machine, "-accel", accel, "-smp", os.environ.get("LUGH_QEMU_SMP", "2"), "-m", str(entry.get("memory_mb", 1024)),
             "-kernel", str(files["kernel"]), "-initrd", str(files["initrd"]),
@@ -184,8 +206,16 @@ def console_tail(home: Path, name: str, lines: int = 25) -> str:
     return "\n".join(text.replace("\r", "").splitlines()[-lines:]) or "(no serial console output)"
 
 
+def _console_says(home: Path, name: str, text: str) -> bool:
+    try:
+        return text in (_state(home, name) / "console.log").read_text(errors="replace")
+    except OSError:
+        return False
+
+
 def up(home: Path, name: str, entry: dict, workload: str = "none", timeout: float = BOOT_TIMEOUT) -> dict:
     """Boot the VM and return the guest kernel's status once it is healthy."""
+    from kernel.remote import READY_LINE
     from lugh_sdk import runtime, targets
 
     if running(home, name):
@@ -202,11 +232,11 @@ def up(home: Path, name: str, entry: dict, workload: str = "none", timeout: floa
             proc = _start(home, name, entry, "tcg")
     deadline = time.monotonic() + timeout
     cli = targets.client(home, name, timeout=5.0)
-    last = ["no answer yet"]
+    last = ["the guest kernel is not listening yet"]
 
     def check():
         code = proc.poll()
-        if code is not None or "lugh-init: FAILED" in console_tail(home, name, 200):
+        if code is not None or _console_says(home, name, "lugh-init: FAILED"):
             _stop(home, name, proc.pid)
             raise LughError(f"the QEMU target {name!r} failed to boot (qemu status {code}):\n"
                             + _qemu_log(d) + console_tail(home, name))
@@ -218,8 +248,10 @@ def up(home: Path, name: str, entry: dict, workload: str = "none", timeout: floa
     try:
         while True:
             check()
-            # hostfwd accepts before the guest listens: only a real reply counts
-            try:
+            if not _console_says(home, name, READY_LINE):  # hostfwd accepts TCP before the guest listens
+                time.sleep(0.5)
+                continue
+            try:  # and only a healthy status counts
                 status = cli.request(__import__("kernel.protocol").protocol.StatusReq(), timeout=20.0)
                 if runtime.settled(status):
                     return status
@@ -288,9 +320,8 @@ def _stop(home: Path, name: str, pid: int, grace: float = 0.0) -> None:
 
 
 def _alive(pid: int) -> bool:
-    try:
-        if os.waitpid(pid, os.WNOHANG)[0] == pid:
-            return False
+    try:  # our child: alive until reaped (QEMU's main thread is a zombie while its others exit)
+        return os.waitpid(pid, os.WNOHANG)[0] != pid
     except ChildProcessError:
         pass
     try:

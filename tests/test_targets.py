@@ -8,6 +8,8 @@ from __future__ import annotations
 import datetime as dt
 import os
 import stat
+import subprocess
+import sys
 
 import pytest
 from cryptography import x509
@@ -15,7 +17,7 @@ from cryptography.hazmat.primitives import serialization
 from typer.testing import CliRunner
 
 from kernel import protocol
-from lugh_sdk import runtime, targets, tls
+from lugh_sdk import qemu, runtime, targets, tls
 from lugh_sdk.cli import app
 from lugh_sdk.errors import LughError, NotRunning
 
@@ -145,3 +147,24 @@ def test_certs_command(home, tmp_path):
     r = _lugh(home, "target", "certs", "b1", "--out", str(tmp_path / "c"))
     assert r.exit_code == 0, r.output
     assert sorted(p.name for p in (tmp_path / "c").iterdir()) == sorted(tls.FILES)
+
+
+def test_cli_errors_are_one_clear_line(home, certs, tmp_path, monkeypatch):
+    """What a user sees from the `lugh` command: an error line and exit status 1, no traceback."""
+    def fails(*args, says):
+        r = subprocess.run([sys.executable, "-m", "lugh_sdk", *args], capture_output=True, text=True, timeout=120,
+                           env=dict(os.environ, LUGH_HOME=str(home)))
+        assert r.returncode == 1, r
+        assert says in r.stderr + r.stdout and "Traceback" not in r.stderr, r
+
+    fails("status", "--target", "nope", says="unknown target 'nope'")
+    d = certs["ca.pem"].parent
+    port = targets.free_port()  # nothing listens there
+    assert _lugh(home, "target", "add", "gone", "--address", f"tls+tcp://127.0.0.1:{port}", "--ca", str(d / "ca.pem"),
+                 "--cert", str(d / "client.pem"), "--key", str(d / "client.key")).exit_code == 0
+    fails("status", "--target", "gone", says="is unreachable")
+    # a QEMU target whose files .ci/qemu-setup has not made: said before anything starts
+    monkeypatch.setenv("LUGH_QEMU_CACHE", str(tmp_path / "empty-cache"))
+    assert _lugh(home, "target", "add", "vm", "--qemu", "x86_64").exit_code == 0
+    fails("up", "--target", "vm", says="run .ci/qemu-setup first")
+    assert not qemu.running(home, "vm")
