@@ -45,6 +45,7 @@ from pathlib import Path
 from kernel import plugin_store
 from kernel.journal import Journal, unfinished
 from kernel.plugin_store import PluginError
+from kernel.supervisor import ROLLBACK_OP
 
 CALL_TIMEOUT = 30.0
 _busy = threading.Lock()  # one install, uninstall or rollback at a time per target
@@ -368,19 +369,24 @@ def listing(target) -> list[dict]:
 # --------------------------------------------------------------------------- rollback
 
 def last_undoable(records: list[dict]) -> dict | None:
-    """The last committed install or swap that no ``lugh rollback`` has undone yet
-    (swaps made by an install or by an undo belong to that operation)."""
-    skip: set = set()
+    """The last committed install or swap not undone yet, neither by ``lugh rollback``
+    (``undo.commit``) nor by the kernel after a crash loop (``crashloop.rollback``); both
+    name the change they reverted in ``undoes``. Swaps made by an install or by an undo
+    belong to that operation: an install whose swap a crash-loop rollback reverted is
+    undone, and such a swap is never undone on its own."""
+    undone: set = set()
+    owned: set = set()
     for rec in reversed(records):
         op, data = rec["op"], rec["data"]
-        if op == "undo.commit":
-            skip.add(data.get("undoes"))
-            skip.add(data.get("swap_id"))
+        if op in ("undo.commit", ROLLBACK_OP):
+            undone.add(data.get("undoes"))
+            owned.add(data.get("swap_id"))
         elif op == "install.commit":
-            skip.add(data.get("swap_id"))
-            if data.get("id") not in skip and not data.get("provisioning"):
+            owned.add(data.get("swap_id"))
+            ids = {data.get("id"), data.get("swap_id")} - {None, ""}
+            if not ids & undone and not data.get("provisioning"):
                 return rec
-        elif op == "swap.commit" and data.get("id") not in skip:
+        elif op == "swap.commit" and data.get("id") not in undone | owned:
             return rec
     return None
 
@@ -393,7 +399,8 @@ def rollback(target, health_window: float = 0.3) -> dict:
         journal = target.journal
         rec = last_undoable(journal.records())
         if rec is None:
-            raise PluginError("the journal has no install or swap left to undo")
+            raise PluginError("the journal has no install or swap left to undo (each one on record was undone "
+                              "already, by `lugh rollback` or by an automatic crash-loop rollback)")
         data = rec["data"]
         op = uuid.uuid4().hex[:12]
         what = "install" if rec["op"] == "install.commit" else "swap"

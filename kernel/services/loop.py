@@ -54,6 +54,7 @@ class Stream:
 
 
 GAP_WAIT = 1.0  # seconds a stream message waits for an earlier one before that one counts as lost
+KEPT_RETRY = 0.002  # seconds between tries to send answers a full socket could not take
 
 
 def stream_seq(msg) -> int:
@@ -131,18 +132,20 @@ def serve(link: PeerLink, server, stream: Stream, heartbeat_period: float) -> No
             next_beat = now + heartbeat_period
         if tick is not None:
             for reply, lane in tick(now):
-                link.send(reply, lane)
+                link.send(reply, lane, keep=True)
             wake = min(next_beat, server.next_timer())
         else:
             wake = next_beat
-        item = reorder.ready() or link.recv(0 if not idle else max(0.0, min(wake - now, GAP_WAIT / 10 if reorder.parked
-                                                                               else wake - now)))
+        wait = 0 if not idle else max(0.0, min(wake - now, GAP_WAIT / 10 if reorder.parked else wake - now))
+        if not link.flush():  # answers the kernel's socket could not take yet: soon again
+            wait = min(wait, KEPT_RETRY)
+        item = reorder.ready() or link.recv(wait)
         if item is None:
             item = reorder.expire(now)
         if item is None:
             if not idle:
                 for reply, lane in getattr(server, "flush", _nothing)():
-                    link.send(reply, lane)
+                    link.send(reply, lane, keep=True)
             idle = True
             continue
         idle = False
@@ -165,14 +168,15 @@ def serve(link: PeerLink, server, stream: Stream, heartbeat_period: float) -> No
             reply = handle(msg, lane)
         if isinstance(reply, list):
             for one, one_lane in reply:
-                link.send(one, one_lane)
+                link.send(one, one_lane, keep=True)
         elif reply is not None:
-            link.send(reply, lane)
+            link.send(reply, lane, keep=True)
         if getattr(server, "batch_full", False):
             for reply, lane in server.flush():
-                link.send(reply, lane)
+                link.send(reply, lane, keep=True)
     for reply, lane in getattr(server, "flush", _nothing)():
-        link.send(reply, lane)
+        link.send(reply, lane, keep=True)
+    link.flush()
 
 
 def _nothing():

@@ -30,7 +30,7 @@ from collections.abc import Callable, Iterable, Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
-from kernel.tasks import MAX_BACKLOG, fallback_key
+from kernel.tasks import backlog_cap, fallback_key
 from lugh_sdk.api import Job, Task
 from lugh_sdk.harness.loader import plugin_manager
 
@@ -115,7 +115,7 @@ class TaskReport:
     released: int
     completed: int
     missed: int
-    skipped: int  # releases skipped: the task already had MAX_BACKLOG unfinished jobs
+    skipped: int  # releases skipped: the task was at its backlog bound (kernel.tasks.backlog_cap)
     dropped: int  # queued jobs dropped when the task was removed
     response: ResponseStats
 
@@ -283,7 +283,7 @@ class _Simulation:
             task = state.task
             release = state.next_release
             state.next_release = release + _ns(task.period_ms)
-            if sum(1 for r in self.ready.values() if r.job.task == task.name) >= MAX_BACKLOG:
+            if sum(1 for r in self.ready.values() if r.job.task == task.name) >= backlog_cap(task):
                 state.skipped += 1
                 continue
             state.serial += 1
