@@ -206,6 +206,8 @@ def run(main) -> int:
 def arguments(description: str) -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--json", action="store_true", help="print the figures as one JSON object")
+    # The suite (python -m bench) passes --quick: the same measurement with fewer samples.
+    parser.add_argument("--quick", action="store_true", help="a shorter run: fewer samples, same measurement")
     parser.add_argument("--child", nargs="*", help=argparse.SUPPRESS)  # helper-process mode
     return parser
 

@@ -2,26 +2,31 @@
 
 An attached client (this process) sends HIGH pings one at a time, ``--interval-ms``
 apart, and times each round trip (client -> kernel -> client, the kernel's Pong). It
-does so twice: with the kernel idle, then while a second attached client, in a separate
-process (so that the measuring process is not starved by its own sending), floods the
-LOW lane with pings and drains the kernel's LOW pongs between batches. By default the
+does so with the kernel idle and while a second attached client, in a separate process
+(so that the measuring process is not starved by its own sending), floods the LOW lane
+with pings and drains the kernel's LOW pongs between batches: ``--rounds`` times each,
+in turn (the flooder is paused with SIGSTOP for the idle phases), so that a change of
+the machine's load during the run weighs on both alike. Figures are the medians of the
+per-round figures, ratios the medians of the per-round ratios. By default the
 flooder sends as fast as it can and retries at once when the lane refuses (a
 misbehaving client); ``--flood-backoff-us N`` makes it sleep N µs after each refusal
 (a flood that keeps the lane full without spinning a core).
 
 Printed: idle and flood side by side (median, p99, max), the ratios (the goal: a LOW
 flood must not delay HIGH traffic, flood p99 / idle p99 <= 2), and what became of the
-LOW messages: handled and dropped by the kernel while HIGH was measured (``lugh
+LOW messages: handled and dropped by the kernel over the alternation (``lugh
 status`` lanes; dropped counts both the kernel's inbound LOW queue and its outbound LOW
 buffers, here the flooder's pongs), and the flooder's own counts (sent, refused by its
 socket because the kernel was not taking more, pongs received).
 
-    python bench/lanes.py [--count 3000] [--interval-ms 1] [--flood-backoff-us 0] [--json]
+    python bench/lanes.py [--count 3000] [--rounds 5] [--interval-ms 1] [--flood-backoff-us 0] [--quick] [--json]
 """
 
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sys
 import time
 from pathlib import Path
@@ -71,42 +76,61 @@ def main() -> int:
     parser.add_argument("--flood-backoff-us", type=float, default=0.0,
                         help="flooder's sleep after a refused send (default 0: retry at once)")
     parser.add_argument("--settle-s", type=float, default=1.0, help="flood time before measuring (default 1)")
+    parser.add_argument("--rounds", type=int, default=5, help="idle and flood phases, in turn (default 5)")
     args = parser.parse_args()
     if args.child is not None:
         flooder(*args.child)
         return 0
+    if args.quick:
+        args.count, args.settle_s, args.rounds = min(args.count, 1200), min(args.settle_s, 0.5), 3
     interval = args.interval_ms / 1000.0
+    chunk = max(1, args.count // args.rounds)
+    rounds = {"idle": [], "flood": []}  # one summary per round
+    window_s = 0.0
     with temporary_kernel("none") as bench:
         with bench.attached("bench") as link:
             ping_series(link, 300)
-            progress(f"HIGH pings, kernel idle: {args.count}, {args.interval_ms:g} ms apart")
-            idle = summary_us(ping_series(link, args.count, Lane.HIGH, interval))
-            progress("starting the LOW flood in a separate process")
+            progress("starting the LOW flooder in a separate process")
             with child(__file__, str(bench.home), str(args.flood_backoff_us)) as flood:
                 read_line(flood, "flooder")
-                time.sleep(args.settle_s)
-                progress(f"HIGH pings under the LOW flood: {args.count}, {args.interval_ms:g} ms apart")
                 # Both snapshots while the flooder is attached: the drops counted in its
                 # outbound buffers leave `lugh status` when it detaches.
                 start = bench.status()["lanes"]["LOW"]
-                t0 = time.monotonic()
-                flooded = summary_us(ping_series(link, args.count, Lane.HIGH, interval))
-                window_s = time.monotonic() - t0
+                for i in range(args.rounds):
+                    # Idle and flood in turn, so that a change of the machine's load
+                    # weighs on both alike; the flooder is paused (SIGSTOP) for idle.
+                    os.kill(flood.pid, signal.SIGSTOP)
+                    time.sleep(args.settle_s / 2)  # the kernel drains what it had sent
+                    progress(f"round {i + 1}/{args.rounds}: {chunk} HIGH pings, kernel idle, "
+                             f"{args.interval_ms:g} ms apart")
+                    rounds["idle"].append(summary_us(ping_series(link, chunk, Lane.HIGH, interval)))
+                    os.kill(flood.pid, signal.SIGCONT)
+                    time.sleep(args.settle_s)
+                    progress(f"round {i + 1}/{args.rounds}: {chunk} HIGH pings under the LOW flood")
+                    t0 = time.monotonic()
+                    rounds["flood"].append(summary_us(ping_series(link, chunk, Lane.HIGH, interval)))
+                    window_s += time.monotonic() - t0
                 end = bench.status()["lanes"]["LOW"]
                 flood.terminate()
                 counts = json.loads(read_line(flood, "flooder"))
+    mid = lambda values: sorted(values)[len(values) // 2]
+    idle, flooded = ({"count": chunk * args.rounds, **{k: round(mid([r[k] for r in rounds[name]]), 1)
+                                                        for k in ("median_us", "p99_us", "mean_us", "max_us")}}
+                     for name in ("idle", "flood"))
+    per_round = lambda key: ratio(mid([f[key] / i[key] for f, i in zip(rounds["flood"], rounds["idle"])]), 1)
 
+    # LOW counts cover the whole alternation; the flood ran for the flood phases only.
     during = {"handled": end["handled"] - start["handled"], "dropped": end["dropped"] - start["dropped"],
               "queued_at_end": end["queued"], "outbound_buffered_at_end": end["outbound_buffered"],
               "seconds": round(window_s, 2)}
     during["handled_per_s"] = round(during["handled"] / window_s)
-    p99_ratio = ratio(flooded["p99_us"], idle["p99_us"])
+    p99_ratio = per_round("p99_us")
     result = {
         "benchmark": "lanes", "count": args.count, "interval_ms": args.interval_ms,
         "flood_backoff_us": args.flood_backoff_us,
         "high_idle": idle, "high_under_low_flood": flooded,
-        "ratio_flood_to_idle": {"median": ratio(flooded["median_us"], idle["median_us"]), "p99": p99_ratio,
-                                "max": ratio(flooded["max_us"], idle["max_us"])},
+        "rounds": args.rounds,
+        "ratio_flood_to_idle": {"median": per_round("median_us"), "p99": p99_ratio, "max": per_round("max_us")},
         "low_kernel_while_measured": during, "low_flooder": counts,
         "goal": goal(f"HIGH p99 under flood / idle <= {GOAL_P99_RATIO:g}", p99_ratio, GOAL_P99_RATIO),
     }
@@ -117,13 +141,13 @@ def main() -> int:
     text = table(["client -> kernel -> client", "median µs", "p99 µs", "max µs"], rows)
     text += "\n\n" + table(
         ["LOW flood", "handled", "dropped", "queued", "out buffered", "seconds", "handled/s"],
-        [["kernel, while HIGH was measured", during["handled"], during["dropped"], during["queued_at_end"],
+        [["kernel, over the rounds (s: flood phases)", during["handled"], during["dropped"], during["queued_at_end"],
           during["outbound_buffered_at_end"], during["seconds"], during["handled_per_s"]]])
     text += "\n\n" + table(
         ["LOW flood", "sent", "refused", "pongs received", "seconds"],
         [["flooder, whole flood", counts["sent"], counts["refused"], counts["pongs"], counts["seconds"]]])
-    text += (f"\n\n{args.count} HIGH pings per phase, {args.interval_ms:g} ms apart; flooder backoff after a "
-             f"refused send: {args.flood_backoff_us:g} µs.")
+    text += (f"\n\n{chunk * args.rounds} HIGH pings per phase in {args.rounds} rounds, {args.interval_ms:g} ms "
+             f"apart; flooder backoff after a refused send: {args.flood_backoff_us:g} µs.")
     emit(result, args.json, text)
     return 0
 

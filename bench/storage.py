@@ -2,16 +2,24 @@
 storage service, beside bare sqlite3 (WAL, synchronous=FULL, one connection) and bare
 pynng round trips, all in one run; and recovery time after a crash with 100 000 keys.
 
-1. ``service``: ``--seconds`` per row, N writer threads in this process, each an
+Each row (1, 4, 16 writers) measures its three figures side by side: ``--seconds``
+each, alternated in three slices, so that all three see the same disk (the fsync time
+of a shared machine varies from one second to the next).
+
+1. ``service``: N writer threads in this process, each an
    attached client (its own lane link) writing one-key transactions of 100 bytes on the
    HIGH lane and waiting for each acknowledgement (acknowledged = durable: the storage
    service's group commit returned). Also the mean transactions per group commit (one
    fsync each), from the service's own counters: group commit is what lets throughput
-   grow with writers.
+   grow with writers. Beside, the CPU time the kernel, the storage service and this
+   process (the writers) spent per transaction (``/proc/<pid>/stat``), which says where
+   a transaction's cost is.
 2. ``sqlite``: the same transactions straight into sqlite3 (``kv.sqlite3`` schema of
    sqlite-storage, WAL, synchronous=FULL), N threads sharing one connection, one
    ``BEGIN IMMEDIATE ... COMMIT`` (one fsync) per transaction: what a store without group
-   commit does.
+   commit does. In the 16-writer row also one thread alone on one connection (no lock
+   hand-off); the goal's baseline is the better of those two, measured beside the
+   service's 16 writers.
 3. ``pynng``: N threads, each a Req0 socket doing round trips of the same payload size
    with a Rep0 echo server in a child process over ``ipc://``: the transport's ceiling,
    no durability at all.
@@ -22,7 +30,10 @@ pynng round trips, all in one run; and recovery time after a crash with 100 000 
    reboot (``lugh up``) to the first answered read. Beside: the backend's own
    ``storage_open`` (integrity check included) of the same data set, in this process.
 
-    python bench/storage.py [--seconds 3] [--keys 100000] [--crashes 3] [--json]
+The goal (issue 7): durable commits/s through the service with 16 writers divided by
+bare sqlite3 with one connection >= 2.
+
+    python bench/storage.py [--seconds 3] [--keys 100000] [--crashes 3] [--json] [--quick]
 """
 
 from __future__ import annotations
@@ -50,12 +61,15 @@ from lugh_sdk.kv import KvClient  # noqa: E402
 from lugh_sqlite_storage.plugin import SqliteStorage  # noqa: E402
 
 WRITERS = (1, 4, 16)
-GOAL_SCALING = 2.0  # group commit: 16 writers get at least twice the durable commits of one
+GOAL_RATIO = 2.0  # 16 writers through the service / bare sqlite3 with one connection
 VALUE = bytes(range(100))
 
 
-def threads(count: int, seconds: float, body) -> float:
-    """Run ``body(i, deadline) -> operations`` in ``count`` threads; operations per second."""
+SLICES = 3  # each row alternates its three measurements in slices (see row())
+
+
+def threads(count: int, seconds: float, body) -> tuple[int, float]:
+    """Run ``body(i, deadline) -> operations`` in ``count`` threads; (operations, seconds)."""
     done = [0] * count
     start = time.monotonic()
     deadline = start + seconds
@@ -68,66 +82,150 @@ def threads(count: int, seconds: float, body) -> float:
         w.start()
     for w in workers:
         w.join()
-    return sum(done) / (time.monotonic() - start)
+    return sum(done), time.monotonic() - start
 
 
-def service_rate(bench, writers: int, seconds: float) -> dict:
-    with ExitStack() as stack:
-        clients = [KvClient(stack.enter_context(bench.attached(f"w{i}"))) for i in range(writers)]
-        for kv in clients:
+def cpu_seconds(pid: int) -> float | None:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+    except OSError:
+        return None
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+class Service:
+    """``writers`` attached clients, each writing one-key transactions and waiting for
+    each acknowledgement; the service's group counters and the processes' CPU time are
+    summed over the slices measured."""
+
+    def __init__(self, bench, stack: ExitStack, writers: int):
+        self.bench, self.writers = bench, writers
+        status = bench.status()
+        self.pids = {"kernel": status["kernel"]["pid"], "writers": os.getpid(),
+                     "storage": next(s["pid"] for s in status["services"] if s["name"] == "storage")}
+        self.clients = [KvClient(stack.enter_context(bench.attached(f"w{i}"))) for i in range(writers)]
+        for kv in self.clients:
             kv.put("warm", VALUE)
-        before = bench.request(protocol.KvStatsReq())
+        self.ops = self.seconds = self.groups = self.transactions = 0
+        self.cpu: dict[str, float | None] = dict.fromkeys(self.pids, 0.0)
+        self.n = 0
+
+    def slice(self, seconds: float) -> None:
+        before = self.bench.request(protocol.KvStatsReq())
+        cpu_before = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
 
         def write(i, deadline):
-            n = 0
+            n, kv = 0, self.clients[i]
             while time.monotonic() < deadline:
-                clients[i].put(f"bench/{writers}/{i}/{n}", VALUE)
+                kv.put(f"bench/{self.writers}/{i}/{self.n}/{n}", VALUE)
                 n += 1
             return n
 
-        rate = threads(writers, seconds, write)
-        after = bench.request(protocol.KvStatsReq())
-    groups = after["groups"] - before["groups"]
-    return {"commits_per_s": round(rate), "txn_per_group": round((after["transactions"] - before["transactions"])
-                                                                 / max(1, groups), 2)}
+        ops, elapsed = threads(self.writers, seconds, write)
+        cpu_after = {name: cpu_seconds(pid) for name, pid in self.pids.items()}
+        after = self.bench.request(protocol.KvStatsReq())
+        self.n += 1
+        self.ops += ops
+        self.seconds += elapsed
+        self.groups += after["groups"] - before["groups"]
+        self.transactions += after["transactions"] - before["transactions"]
+        for name in self.pids:  # None: the process restarted (its CPU time is not comparable)
+            b, a = cpu_before[name], cpu_after[name]
+            self.cpu[name] = None if None in (b, a, self.cpu[name]) else self.cpu[name] + a - b
+
+    def result(self) -> dict:
+        return {"commits_per_s": round(self.ops / self.seconds),
+                "txn_per_group": round(self.transactions / max(1, self.groups), 2),
+                "cpu_us_per_txn": {name: None if cpu is None else round(cpu / max(1, self.ops) * 1e6)
+                                   for name, cpu in self.cpu.items()}}
 
 
-def sqlite_rate(directory: Path, writers: int, seconds: float) -> float:
-    db = sqlite3.connect(directory / f"bare-{writers}.sqlite3", isolation_level=None, check_same_thread=False)
-    db.execute("PRAGMA journal_mode=WAL")
-    db.execute("PRAGMA synchronous=FULL")
-    db.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
-    lock = threading.Lock()
+class BareSqlite:
+    """The same transactions straight into sqlite3: N threads sharing one connection, one
+    ``BEGIN IMMEDIATE ... COMMIT`` (one fsync) each."""
 
-    def write(i, deadline):
-        n = 0
-        while time.monotonic() < deadline:
-            with lock:
-                db.execute("BEGIN IMMEDIATE")
-                db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (f"bench/{i}/{n}", VALUE))
-                db.execute("COMMIT")
-            n += 1
-        return n
+    def __init__(self, file: Path, writers: int):
+        self.writers = writers
+        self.db = sqlite3.connect(file, isolation_level=None, check_same_thread=False)
+        self.db.execute("PRAGMA journal_mode=WAL")
+        self.db.execute("PRAGMA synchronous=FULL")
+        self.db.execute("CREATE TABLE kv (key TEXT PRIMARY KEY, value BLOB NOT NULL)")
+        self.lock = threading.Lock()
+        self.ops = self.seconds = self.n = 0
 
-    rate = threads(writers, seconds, write)
-    db.close()
-    return round(rate)
-
-
-def pynng_rate(address: str, writers: int, seconds: float) -> float:
-    payload = bytes(len(protocol.encode(protocol.KvPut(req=1, writes=[("bench/16/15/99999", VALUE)]))))
-
-    def trips(i, deadline):
-        n = 0
-        with pynng.Req0(recv_timeout=5000, send_timeout=5000) as sock:
-            sock.dial(address, block=True)
+    def slice(self, seconds: float) -> None:
+        def write(i, deadline):
+            n = 0
             while time.monotonic() < deadline:
-                sock.send(payload)
-                sock.recv()
+                with self.lock:
+                    self.db.execute("BEGIN IMMEDIATE")
+                    self.db.execute("INSERT OR REPLACE INTO kv VALUES (?, ?)", (f"bench/{i}/{self.n}/{n}", VALUE))
+                    self.db.execute("COMMIT")
                 n += 1
-        return n
+            return n
 
-    return round(threads(writers, seconds, trips))
+        ops, elapsed = threads(self.writers, seconds, write)
+        self.n += 1
+        self.ops += ops
+        self.seconds += elapsed
+
+    def result(self) -> int:
+        return round(self.ops / self.seconds)
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class BarePynng:
+    """N threads, each a Req0 socket doing round trips of a storage request's size with
+    the echo server."""
+
+    def __init__(self, address: str, writers: int):
+        self.address, self.writers = address, writers
+        self.payload = bytes(len(protocol.encode(protocol.KvPut(req=1, writes=[("bench/16/15/99999", VALUE)]))))
+        self.ops = self.seconds = 0
+
+    def slice(self, seconds: float) -> None:
+        def trips(i, deadline):
+            n = 0
+            with pynng.Req0(recv_timeout=5000, send_timeout=5000) as sock:
+                sock.dial(self.address, block=True)
+                while time.monotonic() < deadline:
+                    sock.send(self.payload)
+                    sock.recv()
+                    n += 1
+            return n
+
+        ops, elapsed = threads(self.writers, seconds, trips)
+        self.ops += ops
+        self.seconds += elapsed
+
+    def result(self) -> int:
+        return round(self.ops / self.seconds)
+
+
+def row(bench, scratch: Path, address: str, writers: int, seconds: float, baseline: bool = False) -> dict:
+    """The measurements of one row, alternated in ``SLICES`` slices of ``seconds /
+    SLICES`` each: the disk's fsync time on a shared machine changes from one second to
+    the next, and a ratio is only fair if both sides saw the same disk. ``baseline``:
+    also bare sqlite3 with one connection and one writer (the goal's baseline)."""
+    with ExitStack() as stack:
+        service = Service(bench, stack, writers)
+        bare = BareSqlite(scratch / f"bare-{writers}.sqlite3", writers)
+        stack.callback(bare.close)
+        single = BareSqlite(scratch / f"bare-{writers}-one-writer.sqlite3", 1) if baseline else None
+        if single is not None:
+            stack.callback(single.close)
+        trips = BarePynng(address, writers)
+        for _ in range(SLICES):
+            for meter in (service, bare, single, trips):
+                if meter is not None:
+                    meter.slice(seconds / SLICES)
+        out = {"service": service.result(), "sqlite_wal_full": bare.result(), "pynng_round_trips": trips.result()}
+        if single is not None:
+            out["sqlite_wal_full_one_writer"] = single.result()
+        return out
 
 
 def fill(bench, keys: int) -> None:
@@ -185,6 +283,8 @@ def main() -> int:
     parser.add_argument("--keys", type=int, default=100_000, help="keys in the recovery data set (default 100000)")
     parser.add_argument("--crashes", type=int, default=3, help="storage crashes timed (default 3)")
     args = parser.parse_args()
+    if args.quick:  # the same rows, shorter, a smaller data set, fewer crashes
+        args.seconds, args.keys, args.crashes = min(args.seconds, 1.5), min(args.keys, 20_000), min(args.crashes, 2)
     if args.child is not None:
         echo_server(*args.child)
         return 0
@@ -196,11 +296,12 @@ def main() -> int:
             with child(__file__, "reqrep", address) as echo:
                 read_line(echo, "echo server")
                 for writers in WRITERS:
-                    progress(f"{writers} writers: storage service, bare sqlite3, bare pynng ({args.seconds:g} s each)")
-                    service = service_rate(bench, writers, args.seconds)
-                    bare = sqlite_rate(scratch, writers, args.seconds)
-                    trips = pynng_rate(address, writers, args.seconds)
-                    rates[writers] = {"service": service, "sqlite_wal_full": bare, "pynng_round_trips": trips}
+                    progress(f"{writers} writers: storage service, bare sqlite3, bare pynng ({args.seconds:g} s each, "
+                             f"alternated in {SLICES} slices)")
+                    rates[writers] = row(bench, scratch, address, writers, args.seconds,
+                                         baseline=writers == WRITERS[-1])
+                    service, bare, trips = (rates[writers][k] for k in ("service", "sqlite_wal_full",
+                                                                         "pynng_round_trips"))
                     rows.append([writers, service["commits_per_s"], service["txn_per_group"], bare, trips,
                                  ratio(service["commits_per_s"], bare), ratio(service["commits_per_s"], trips)])
             progress(f"filling the storage service with {args.keys} keys")
@@ -217,14 +318,26 @@ def main() -> int:
     recovery = {"keys": args.keys, "storage_crash_to_serving_ms": [ms(t) for t in storage],
                 "storage_crash_to_serving_median_ms": ms(statistics.median(storage)),
                 "kernel_crash_to_serving_ms": ms(kernel), "bare_storage_open_ms": ms(opened)}
-    scaling = ratio(rates[WRITERS[-1]]["service"]["commits_per_s"], rates[WRITERS[0]]["service"]["commits_per_s"])
+    top = rates[WRITERS[-1]]["service"]["commits_per_s"]
+    scaling = ratio(top, rates[WRITERS[0]]["service"]["commits_per_s"])
+    # The stronger of bare sqlite3's two one-connection figures measured beside the
+    # service's 16 writers: 16 threads taking turns on it, or one thread alone.
+    baseline = max(rates[WRITERS[-1]]["sqlite_wal_full"], rates[WRITERS[-1]]["sqlite_wal_full_one_writer"])
+    versus = ratio(top, baseline)
     result = {"benchmark": "storage", "seconds_per_row": args.seconds, "value_bytes": len(VALUE),
-              "durable_commits": rates, "service_16_over_1": scaling, "recovery": recovery,
-              "goal": goal(f"durable commits/s through the service, {WRITERS[-1]} writers / 1 >= {GOAL_SCALING:g}",
-                           scaling, met=scaling is not None and scaling >= GOAL_SCALING)}
+              "durable_commits": rates, "service_16_over_1": scaling, "sqlite_baseline_commits_per_s": baseline,
+              "ratio_service16_to_sqlite": versus,
+              "ratio_service16_to_pynng16": ratio(top, rates[WRITERS[-1]]["pynng_round_trips"]),
+              "recovery": recovery,
+              "goal": goal(f"durable commits/s, service with {WRITERS[-1]} writers / bare sqlite3 WAL+FULL with one "
+                           f"connection >= {GOAL_RATIO:g}", versus, met=versus is not None and versus >= GOAL_RATIO)}
     text = table(["writers", "service commits/s", "txn/group", "sqlite WAL+FULL commits/s", "pynng round trips/s",
                   "x sqlite", "x pynng"], rows)
-    text += (f"\n\nservice throughput at {WRITERS[-1]} writers / 1 writer: {scaling} (group commit)"
+    text += "\n\nCPU per transaction (µs): " + "; ".join(
+        f"{w} writers: " + ", ".join(f"{k} {v}" for k, v in rates[w]["service"]["cpu_us_per_txn"].items())
+        for w in WRITERS)
+    text += (f"\n\nservice at {WRITERS[-1]} writers / bare sqlite3 with one connection ({baseline}/s): {versus}; "
+             f"service at {WRITERS[-1]} writers / 1 writer: {scaling} (group commit)"
              f"\n\nrecovery with {args.keys} keys:"
              f"\n  storage SIGKILL -> read answered again: median {recovery['storage_crash_to_serving_median_ms']} ms "
              f"({', '.join(str(t) for t in recovery['storage_crash_to_serving_ms'])})"

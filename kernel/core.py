@@ -19,6 +19,14 @@ scheduler service is asked for every decision; while it cannot answer (swapping,
 restarting, stalled past ``PICK_TIMEOUT``) the kernel's fallback policy (EDF, see
 :mod:`kernel.tasks`) decides, so dispatching never stops. A scheduler silent for
 ``EJECT_AFTER`` is killed (ejected); the reincarnation server restarts it.
+
+Dispatch queue (``Options.dispatch_batch`` > 1, as sched_ext's local dispatch queues):
+the scheduler decides up to that many jobs in one answer, and the kernel asks for the
+next batch while a job runs, so a job starts without a scheduler round trip on the
+critical path. Decided jobs are committed: they start in the scheduler's order, and a
+job released meanwhile waits behind at most ``dispatch_batch - 1`` of them, unless it
+preempts the running job (every release is still put to the scheduler); a preemption
+gives the queued decisions back. With 1 (the default) every start is asked for.
 """
 
 from __future__ import annotations
@@ -46,14 +54,23 @@ from kernel.journal import Journal, unfinished, write_atomically
 from kernel.memory import RegionTable
 from kernel.protocol import Lane
 from kernel.tasks import TaskTable, fallback_key
+from kernel.timer import ReleaseTimer
 from lugh_sdk.api.types import SchedulerState, Task
 
 LANE_CAP = 20_000
+# MEDIUM and LOW may take at most BULK_SHARE of the loop's time in each BULK_WINDOW; past
+# that the loop leaves them in NNG (their senders' non-blocking sends are refused:
+# backpressure) and sleeps to the window's end unless HIGH traffic or a timer wakes it.
+# A flood then cannot keep the kernel on a CPU: on a small machine the HIGH senders,
+# NNG's threads and this loop find one at once (HIGH p99 under a LOW flood, bench/lanes.py).
+BULK_SHARE = 0.5
+BULK_WINDOW = 0.005
 PICK_TIMEOUT = 0.02
-EJECT_AFTER = 0.5
+EJECT_AFTER = float(os.environ.get("LUGH_EJECT_AFTER", "0.5"))  # a QEMU/TCG target sets more (lugh_sdk/qemu.py)
 WORKERS = 3
 JOB_KILL_FLOOR = 2.0  # a job running longer than max(this, 20 x budget) has its worker killed
 PLUGIN_KINDS = ("scheduler", "storage", "monitor")
+SPARE_AFTER_BOOT = 1.0  # the first spare host waits until the boot's own imports are done
 DEFAULT_PLUGINS = {"scheduler": "round-robin-scheduler", "storage": "sqlite-storage", "monitor": "heartbeat-monitor"}
 DEFAULT_BUDGET = 768 * 1024 * 1024
 
@@ -64,6 +81,7 @@ class Options:
     # hang tolerance, restart policy, standby: per service in kernel/supervision.py
     workers: int = WORKERS
     memory_budget: int = DEFAULT_BUDGET
+    dispatch_batch: int = 1  # decisions per scheduler answer (the dispatch queue, see above)
 
 
 @dataclass
@@ -149,6 +167,11 @@ class Kernel:
         os.set_blocking(self._wake_r, False)
         os.set_blocking(self._wake_w, False)
         self.sel.register(self._wake_r, selectors.EVENT_READ, ("wake", None))
+        # The next job release wakes the loop through a timerfd (kernel/timer.py): a
+        # selector timeout would be rounded up to a whole millisecond.
+        self.release_timer = ReleaseTimer.create()
+        if self.release_timer is not None:
+            self.sel.register(self.release_timer, selectors.EVENT_READ, ("release", None))
         self._calls: queue.SimpleQueue = queue.SimpleQueue()
         self.pipes: dict[int, Instance] = {}
         # Pipes of instances that exited: the kernel sees an exit (pidfd) before it has
@@ -160,6 +183,9 @@ class Kernel:
         self.clients: dict[str, Service] = {}
         self._clients = 0
         self.queues = {Lane.MEDIUM: collections.deque(), Lane.LOW: collections.deque()}
+        self.bulk_window_end = 0.0
+        self.bulk_used = 0.0  # loop time spent on MEDIUM and LOW in the current window
+        self.bulk_paused = False  # their sockets out of the selector until the window ends
         self.counters = collections.Counter()
         self.lane_drops = {lane: 0 for lane in ipc.LANES}
         self.lane_handled = {lane: 0 for lane in ipc.LANES}
@@ -172,17 +198,29 @@ class Kernel:
         self.pick_dirty = False
         self.pick_late = False  # the pick is past PICK_TIMEOUT: the fallback decides until it is answered
         self.pick_for: str | None = None  # the running job when the pick was asked
+        self.planned: collections.deque = collections.deque()  # decided by the scheduler, not started, in order
         self.fallback_only = False  # set while a swap has quiesced the scheduler
         self.swapping: str | None = None  # id of the swap in progress
         self.swap_marks = (0.0, {}, 0)
         self.wait_start: float | None = None  # a job ready and the slot free since
-        self.gaps = collections.deque(maxlen=4096)
+        # A dispatch wait is the scheduler's deliberation (a PickNext in flight, at most
+        # PICK_TIMEOUT) plus the rest, the *stall*: no one was deciding, the kernel
+        # itself held the job back (its loop busy or blocked, e.g. by a swap step).
+        self.wait_decided = 0.0  # deliberation within the current wait
+        self.pick_open = False  # a PickNext that dispatching waits for (sent, not answered, not late)
+        self.gaps = collections.deque(maxlen=4096)  # (dispatched at, wait, stall)
         self.max_gap = 0.0
+        self.last_dispatch: float | None = None
+        self.intervals = collections.deque(maxlen=4096)  # (dispatched at, time since the previous dispatch)
         self.stopping = False
         self.boot_tasks: list[Task] | None = None
         self.stopped = threading.Event()
         self.config = self._load_config()
         self.sup = supervisor.Supervisor(self)  # detection and mechanism of the reincarnation server
+        # A pre-imported host interpreter: a restart, standby or swap of a plugin service
+        # takes it instead of starting Python and importing (kernel/processes.py, Spare).
+        self.spare = processes.Spare("kernel.services.host", run_dir, self._child_env, self.options.memory_budget)
+        self.spare.due = time.monotonic() + SPARE_AFTER_BOOT
 
     # ---------------------------------------------------------------- boot & shutdown
 
@@ -245,8 +283,6 @@ class Kernel:
         plugin = plugin or service.plugin
         outbox = ipc.Outbox(self.run_dir, peer, cap=LANE_CAP)
         token = secrets.token_hex(16)
-        env = dict(os.environ, LUGH_RUN_DIR=str(self.run_dir), LUGH_TOKEN=token,
-                   LUGH_PARENT_PID=str(os.getpid()), MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
         args = ["--peer", peer, *self.sup.spawn_args(service, standby)]
         if service.kind in PLUGIN_KINDS:
             module = "kernel.services.host"
@@ -259,8 +295,14 @@ class Kernel:
                      "--data-dir", str(data_dir or self.data_dir(service.name))]
         else:
             module = {"rs": "kernel.services.rs", "worker": "kernel.services.worker"}[service.kind]
-        child = processes.spawn(peer, module, args, env=env, log_path=self.run_dir / f"{peer}.log",
-                                memory_budget=self.options.memory_budget, started=time.monotonic())
+        log_path, now = self.run_dir / f"{peer}.log", time.monotonic()
+        child = module == self.spare.module and self.spare.take(peer, args, env={"LUGH_TOKEN": token},
+                                                                  log_path=log_path, started=now)
+        if child:
+            self.counters["spare_taken"] += 1
+        else:
+            child = processes.spawn(peer, module, args, env=dict(self._child_env(), LUGH_TOKEN=token),
+                                    log_path=log_path, memory_budget=self.options.memory_budget, started=now)
         inst = Instance(peer=peer, service=service, child=child, outbox=outbox, token=token,
                         last_beat=time.monotonic())
         self.sup.mark(inst)
@@ -270,6 +312,11 @@ class Kernel:
             service.active = inst
             service.started = time.monotonic()
         return inst
+
+    def _child_env(self) -> dict[str, str]:
+        """The environment of every child, less its own token."""
+        return dict(os.environ, LUGH_RUN_DIR=str(self.run_dir), LUGH_PARENT_PID=str(os.getpid()),
+                    MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
 
     def attach_client(self, name: str) -> dict:
         self._clients += 1
@@ -310,6 +357,7 @@ class Kernel:
                 pass
             processes.stop(inst.child, timeout=1.0)
             self._forget(inst)
+        self.spare.close()
         self.regions.clear()
         self.inbox.close()
         self.sup.close()
@@ -331,10 +379,16 @@ class Kernel:
         try:
             while not self.stopping:
                 now = time.monotonic()
-                timeout = max(0.0, min(self.table.next_release(), now + 0.05, self.sup.wake_at) - now)
+                release = self.table.next_release()
+                if self.release_timer is not None:
+                    self.release_timer.arm(release)
+                    release = now + 0.05
+                timeout = max(0.0, min(release, now + 0.05, self.sup.wake_at) - now)
                 if self.pick_req is not None:  # wake when the pick is late, then when it is due for ejection
                     due = self.pick_sent + (EJECT_AFTER if self.pick_late else PICK_TIMEOUT)
                     timeout = min(timeout, max(0.005 if self.pick_late else 0.0, due - now))
+                if self.bulk_paused:
+                    timeout = min(timeout, max(0.0, self.bulk_window_end - now))
                 for key, _ in self.sel.select(timeout):
                     what, obj = key.data
                     if what == "exit":
@@ -344,6 +398,8 @@ class Kernel:
                             os.read(self._wake_r, 4096)
                         except BlockingIOError:
                             pass
+                    elif what == "release":
+                        self.release_timer.clear()
                 self._pump()
         finally:
             self.shutdown()
@@ -352,7 +408,14 @@ class Kernel:
     def _pump(self) -> None:
         self._release_due()
         self._drain_high()
+        now = time.monotonic()
+        if now >= self.bulk_window_end:
+            self.bulk_window_end, self.bulk_used = now + BULK_WINDOW, 0.0
+            self._pause_bulk(False)
         for _ in range(2048):  # bounded, so calls and watchdogs below get their turn
+            if self.bulk_used >= BULK_SHARE * BULK_WINDOW:
+                self._pause_bulk(True)
+                break
             self._fill(Lane.MEDIUM)
             self._fill(Lane.LOW)
             lane = Lane.MEDIUM if self.queues[Lane.MEDIUM] else Lane.LOW if self.queues[Lane.LOW] else None
@@ -361,6 +424,8 @@ class Kernel:
             self._handle(lane, *self.queues[lane].popleft())
             self._drain_high()
             self._release_due()
+            self.bulk_used += time.monotonic() - now
+            now = time.monotonic()
         while not self._calls.empty():
             fn, args, fut = self._calls.get()
             try:
@@ -373,6 +438,17 @@ class Kernel:
         for inst in self.instances.values():
             if inst.outbox.backlog():
                 inst.outbox.flush()
+
+    def _pause_bulk(self, paused: bool) -> None:
+        if paused != self.bulk_paused:
+            self.bulk_paused = paused
+            self.counters["bulk_paused"] += paused
+            for lane, fd in self.inbox.fds().items():
+                if lane is not Lane.HIGH:
+                    if paused:
+                        self.sel.unregister(fd)
+                    else:
+                        self.sel.register(fd, selectors.EVENT_READ, ("lane", lane))
 
     def _drain_high(self) -> None:
         while (msg := self.inbox.recv(Lane.HIGH)) is not None:
@@ -464,9 +540,7 @@ class Kernel:
         """Bring an active instance up to date: a scheduler gets the kernel's truth, any
         other service the stream messages it has not applied."""
         if service.kind == "scheduler":
-            state = self.truth_state()
-            self.request(inst, protocol.ImportState(req=0, state=state, applied_seq=service.seq), Lane.HIGH)
-            inst.applied = service.seq
+            self._sync_scheduler(inst)
         elif service.kind == "rs":
             self.sup.resume_rs(inst)  # its policy state first, then the events after it
         elif not service.held:  # held: a swap, or storage's safe mode (a read-only incarnation)
@@ -483,9 +557,22 @@ class Kernel:
                 inst.outbox.send(data, lane)
                 self.counters["replayed"] += 1
 
+    def _sync_scheduler(self, inst: Instance) -> None:
+        """Give a scheduler the kernel's truth (task table, ready jobs); it supersedes
+        the stream so far, which the instance has before this on the same lane."""
+        self.request(inst, protocol.ImportState(req=0, state=self.truth_state(), applied_seq=inst.service.seq),
+                     Lane.HIGH)
+        inst.applied = inst.service.seq
+
     def _on_heartbeat(self, inst, msg, lane):
         self.sup.mark(inst)
         self._ack(inst, msg.applied_seq)
+        service = inst.service
+        if msg.errors > inst.errors and service.kind == "scheduler" and service.active is inst and not service.held:
+            # Its plugin raised in a hook: its queue may lack a job (a release it never
+            # took in), which it would then never pick. The kernel's truth restores it.
+            self.counters["scheduler_resyncs"] += 1
+            self._sync_scheduler(inst)
         inst.lost, inst.errors = msg.lost, msg.errors
 
     def _ack(self, inst: Instance, applied: int) -> None:
@@ -502,8 +589,14 @@ class Kernel:
         if msg.req != self.pick_req or inst.service.active is not inst:
             self.counters["late_decisions"] += 1
             return
+        self._pick_closed()
         self.pick_req = None
-        self._apply_decision(msg.job_id, self.pick_for)
+        if self.pick_for is None and self.running is not None and self.options.dispatch_batch > 1:
+            if msg.job_id is not None:  # asked ahead while a job runs: the batch waits its turn
+                self.planned.extend([msg.job_id, *msg.more])
+        else:
+            self._apply_decision(msg.job_id, self.pick_for)
+            self.planned.extend(msg.more)
         if self.pick_dirty:
             self.pick_dirty = False
             self._want_decision()
@@ -705,6 +798,8 @@ class Kernel:
             return
         if self.running is None and not self.table.ready:
             return
+        if self.running is None and self._dispatch_planned():
+            return
         inst = self._scheduler_usable()
         if inst is None:
             self._fallback_decide()
@@ -719,8 +814,16 @@ class Kernel:
         self.pick_req = self.next_req()
         self.pick_sent = time.monotonic()
         self.pick_late = False
+        self.pick_open = True
         self._send(inst, protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
                                           now=self.pick_sent, running=running), Lane.HIGH)
+
+    def _pick_closed(self) -> None:
+        """The pick stops holding dispatching back (answered, late, or its scheduler
+        gone): the part of the current wait it covered was deliberation, not a stall."""
+        if self.pick_open and self.wait_start is not None:
+            self.wait_decided += time.monotonic() - max(self.pick_sent, self.wait_start)
+        self.pick_open = False
 
     def _fallback_decide(self) -> None:
         self.counters["fallback_decisions"] += 1
@@ -742,6 +845,9 @@ class Kernel:
         if self.running is None:
             if valid:
                 self._dispatch(job_id)
+                if self.running != job_id:  # no worker free for it: the scheduler gets it back
+                    self.counters["decisions_stale"] += 1
+                    self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
             elif asked_about is not None:
                 self._want_decision()  # the running job finished meanwhile: ask the right question
             elif self.table.ready:
@@ -785,13 +891,56 @@ class Kernel:
                                              if record.job.task in self.table.tasks else "noop"), Lane.HIGH)
         self.running = job_id
         self.counters["dispatched"] += 1
+        if self.last_dispatch is not None:
+            self.intervals.append((now, now - self.last_dispatch))
+        self.last_dispatch = now
         if self.wait_start is not None:
             gap = now - self.wait_start
-            self.gaps.append((now, gap))
+            self.gaps.append((now, gap, max(0.0, gap - self.wait_decided)))
             self.max_gap = max(self.max_gap, gap)
             self.wait_start = None
+        self.wait_decided = 0.0
+        if self.options.dispatch_batch > 1:
+            self._ask_ahead()
+
+    def _dispatch_planned(self) -> bool:
+        """Start the next decided job still waiting (the fallback may have run some)."""
+        while self.planned:
+            record = self.table.ready.get(self.planned.popleft())
+            if record is not None and record.worker is None:
+                self._dispatch(record.job.id)
+                if self.running != record.job.id:  # no worker free: it stays first in line
+                    self.planned.appendleft(record.job.id)
+                    return False
+                self.counters["planned_starts"] += 1
+                return True
+        return False
+
+    def _ask_ahead(self) -> None:
+        """While a job runs, ask for the next batch, so that it is decided by the time
+        the slot frees."""
+        if (self.running is not None and not self.planned and self.pick_req is None
+                and len(self.table.ready) > 1 and self._scheduler_usable() is not None):
+            self.pick_for = None
+            self.pick_req = self.next_req()
+            self.pick_sent = time.monotonic()
+            self.pick_late = False
+            self.pick_open = True  # if the slot frees before the answer, the wait is deliberation
+            self._send(self.services["scheduler"].active,
+                       protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
+                                         now=self.pick_sent, limit=self.options.dispatch_batch), Lane.HIGH)
+
+    def _return_planned(self) -> None:
+        """Give queued decisions back to the scheduler (a preemption reorders what
+        runs next: the preempted job comes before them)."""
+        while self.planned:
+            record = self.table.ready.get(self.planned.popleft())
+            if record is not None and record.worker is None:
+                self.counters["decisions_returned"] += 1
+                self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
 
     def _preempt(self, job_id: str) -> None:
+        self._return_planned()
         current = self.table.ready[self.running]
         inst = self.instances.get(current.worker)
         if inst is not None:
@@ -805,8 +954,10 @@ class Kernel:
 
     def truth_state(self) -> SchedulerState:
         """The scheduler state the kernel can vouch for: every task, every ready job
-        (including a preempted one, excluding the running one) in fallback order."""
-        ready = sorted((r.job for r in self.table.ready.values() if r.job.id != self.running), key=fallback_key)
+        (including a preempted one, excluding the running one and those in the dispatch
+        queue: their decision is made) in fallback order."""
+        decided = {self.running, *self.planned}
+        ready = sorted((r.job for r in self.table.ready.values() if r.job.id not in decided), key=fallback_key)
         return SchedulerState(kind="kernel", tasks=[r.task for r in self.table.tasks.values()], ready=ready)
 
     # ---------------------------------------------------------------- failures
@@ -858,8 +1009,10 @@ class Kernel:
             if (sched is not None and now - self.pick_sent > EJECT_AFTER
                     and self.sup.charged(sched, now - self.pick_sent) > EJECT_AFTER):  # starved is not stalled
                 self.counters["scheduler_ejected"] += 1
-                self.journal.append("scheduler.eject", peer=sched.peer, reason=f"no decision for {EJECT_AFTER}s")
+                # Journaled by the supervision writer: the loop never waits for an fsync.
+                self.sup.record("scheduler.eject", peer=sched.peer, reason=f"no decision for {EJECT_AFTER}s")
                 self.sup.kill(sched, f"ejected: no scheduling decision for {EJECT_AFTER:g}s")
+                self._pick_closed()
                 self.pick_req = None
                 self._fallback_decide()  # no event may come to ask (e.g. every task at its backlog cap)
             elif not self.pick_late:
@@ -867,11 +1020,14 @@ class Kernel:
                 # in _want_decision on every event); the pick stays outstanding so a
                 # scheduler that never answers is ejected.
                 self.counters["pick_timeouts"] += 1
+                self._pick_closed()
                 self.pick_late = self.pick_dirty = True
                 saved, self.pick_req = self.pick_req, None
                 self._fallback_decide()
                 self.pick_req = saved
         self.sup.check(now)  # hangs (charged silence), start timeouts, standbys, the kernel's own restarts
+        if not self.stopping and not self.swapping:  # a spare's imports do not compete with a swap
+            self.spare.refill(now)
         for inst in list(self.instances.values()):
             if inst.job is not None and not inst.stopped:
                 record = self.table.ready.get(inst.job)
@@ -915,7 +1071,8 @@ class Kernel:
                 "dropped": self.lane_drops[lane] + sum(i.outbox.drops[lane] for i in self.instances.values()),
             }
         totals = self.table.totals.summary()
-        recent_gaps = [g for t, g in self.gaps if now - t < 10]
+        recent = [(g, s) for t, g, s in self.gaps if now - t < 10]
+        recent_intervals = [i for t, i in self.intervals if now - t < 10]
         return {
             "kernel": {"pid": os.getpid(), "version": KERNEL_VERSION, "uptime_s": round(now - self.started, 1),
                        "run_dir": str(self.run_dir), "home": str(self.home),
@@ -924,18 +1081,25 @@ class Kernel:
             "lanes": lanes,
             "tasks": {"count": len(self.table.tasks), "ready": len(self.table.ready), "running": self.running,
                       **totals, "dispatch_gap_max_ms": round(self.max_gap * 1000, 3),
-                      "dispatch_gap_recent_max_ms": round(max(recent_gaps, default=0) * 1000, 3)},
+                      "dispatch_gap_recent_max_ms": round(max((g for g, _ in recent), default=0) * 1000, 3),
+                      "dispatch_stall_recent_max_ms": round(max((s for _, s in recent), default=0) * 1000, 3),
+                      "dispatch_interval_recent_max_ms": round(max(recent_intervals, default=0) * 1000, 3),
+                      "release_lag_us": self.table.release_lag.summary(),
+                      "start_lag_us": self.table.start_lag.summary()},
             "memory": {"regions": len(self.regions.regions), "region_bytes": sum(r.size for r in self.regions.regions.values()),
                        "reclaimed": self.regions.reclaimed},
             "counters": dict(self.counters),
             "clients": len(self.clients),
+            "spare_pid": self.spare.pid,  # the pre-imported host interpreter waiting to be taken
             "journal_problems": self.journal.problems,
         }
 
     def task_list(self) -> list[dict]:
+        oldest = self.table.oldest_unfinished()
         return [{"name": r.task.name, "period_ms": r.task.period_ms, "deadline_ms": r.task.deadline_ms,
                  "budget_ms": r.task.budget_ms, "priority": r.task.priority, "action": r.task.action,
-                 **r.stats.summary()} for r in self.table.tasks.values()]
+                 **r.stats.summary(), "oldest_unfinished_release": oldest.get(r.task.name)}
+                for r in self.table.tasks.values()]
 
 
 def _keys(msg) -> list[str]:

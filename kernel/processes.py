@@ -10,15 +10,20 @@ Children also die with the kernel (PR_SET_PDEATHSIG, set by :func:`die_with_pare
 from __future__ import annotations
 
 import ctypes
+import json
 import os
+import queue
 import resource
 import signal
 import subprocess
 import sys
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
 PR_SET_PDEATHSIG = 1
+SPARE_RETRY = 5.0  # after a spare died before it was taken, before the next one
 
 
 @dataclass
@@ -37,7 +42,7 @@ class Child:
 
 
 def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_path: Path,
-          memory_budget: int, started: float) -> Child:
+          memory_budget: int, started: float, stdin=subprocess.DEVNULL) -> Child:
     """Start ``python -m module args`` with its stdout/stderr in ``log_path`` and an
     address-space limit the OS enforces (RLIMIT_AS, set from here with prlimit so the
     child cannot skip it)."""
@@ -45,7 +50,7 @@ def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_p
     try:
         popen = subprocess.Popen(
             [sys.executable, "-m", module, *args],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
             close_fds=True,
         )
     finally:
@@ -57,6 +62,125 @@ def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_p
             pass  # it already died: the pidfd below reports it
     return Child(name=name, popen=popen, pidfd=os.pidfd_open(popen.pid), memory_budget=memory_budget,
                  log_path=log_path, started=started)
+
+
+class Spare:
+    """One spare interpreter, started ahead of need: a fresh process (spawned like any
+    other, under the same memory budget) that has imported ``module`` and everything it
+    needs, and waits on its stdin. :meth:`take` gives it
+    its identity (arguments, secret environment) and it runs as if just started; then a
+    new spare is started ``refill_after`` seconds later: once the one taken has had the
+    CPU to load its plugin and connect, soon enough to be ready for the next crash.
+
+    It is what a fork server would buy (no interpreter start, no imports on the
+    critical path of a restart) without forking: NNG is not fork-safe once a socket is
+    open, and a spare opens none until it is taken. It holds no plugin and no state.
+    The module must accept the single argument ``--spare`` (kernel.services.host);
+    ``env()`` gives its environment, less what :meth:`take` adds.
+
+    Spares are spawned by a thread of their own, so that the caller's loop never waits
+    for a fork and exec: a thread that lives until :meth:`close`, because
+    PR_SET_PDEATHSIG follows the thread that spawned a process, and a spare taken is a
+    service that must die with the kernel, not with a passing thread."""
+
+    def __init__(self, module: str, run_dir: Path, env, memory_budget: int, refill_after: float = 0.1):
+        self.module, self.run_dir, self.env, self.memory_budget = module, run_dir, env, memory_budget
+        self.refill_after = refill_after
+        self.child: Child | None = None
+        self.due = 0.0
+        self.spawned = 0
+        self._lock = threading.Lock()  # self.child and self._spawning, shared with the spawner
+        self._spawning = False
+        self._closed = False
+        self._requests: queue.SimpleQueue = queue.SimpleQueue()
+        self._spawner: threading.Thread | None = None
+
+    @property
+    def pid(self) -> int | None:
+        child = self.child
+        return child.pid if child else None
+
+    def refill(self, now: float) -> None:
+        """Have a spare started if none is waiting and it is time (it is, a moment later)."""
+        with self._lock:
+            dead = self.child if self.child is not None and self.child.popen.poll() is not None else None
+            if dead is not None:
+                self.child, self.due = None, now + SPARE_RETRY
+            start = self.child is None and not self._spawning and not self._closed and now >= self.due
+            if start:
+                self._spawning = True
+                self.spawned += 1
+        if dead is not None:
+            self._discard(dead, keep_log=True)  # its log says why
+        if start:
+            if self._spawner is None:
+                self._spawner = threading.Thread(target=self._spawn_loop, name="lugh-spare", daemon=True)
+                self._spawner.start()
+            self._requests.put(self.spawned)
+
+    def _spawn_loop(self) -> None:
+        while (n := self._requests.get()) is not None:
+            try:
+                child = spawn(f"spare-{n}", self.module, ["--spare"], env=self.env(),
+                              log_path=self.run_dir / f"spare-{n}.log", memory_budget=self.memory_budget,
+                              started=time.monotonic(), stdin=subprocess.PIPE)
+            except Exception as exc:  # the kernel runs on without spares; a plain spawn will tell why
+                print(f"kernel: cannot start a spare host: {type(exc).__name__}: {exc}", file=sys.stderr)
+                child = None
+            with self._lock:
+                self._spawning = False
+                if child is None:
+                    self.due = time.monotonic() + SPARE_RETRY
+                elif not self._closed:
+                    self.child, child = child, None
+            if child is not None:  # closed meanwhile
+                self._discard(child)
+
+    def take(self, name: str, args: list[str], *, env: dict[str, str], log_path: Path,
+             started: float) -> Child | None:
+        """The waiting spare, now running ``module args`` as ``name`` (its log renamed to
+        ``log_path``); None if there is none, or it died meanwhile."""
+        with self._lock:
+            child, self.child = self.child, None
+            self.due = started + self.refill_after
+        if child is None:
+            return None
+        try:
+            if child.popen.poll() is not None:
+                raise BrokenPipeError
+            child.popen.stdin.write(json.dumps({"argv": args, "env": env}).encode() + b"\n")
+            child.popen.stdin.close()
+        except OSError:
+            self._discard(child, keep_log=True)
+            return None
+        try:
+            os.replace(child.log_path, log_path)
+        except OSError:
+            pass  # the log keeps its spare name; the Child says where it is
+        else:
+            child.log_path = log_path
+        child.name, child.started = name, started
+        return child
+
+    def close(self) -> None:
+        with self._lock:
+            self._closed = True
+            child, self.child = self.child, None
+        if child is not None:
+            self._discard(child)
+        if self._spawner is not None:
+            self._requests.put(None)
+            self._spawner.join(5.0)
+
+    @staticmethod
+    def _discard(child: Child, keep_log: bool = False) -> None:
+        try:
+            child.popen.stdin.close()  # EOF: a waiting spare exits on its own
+        except OSError:
+            pass
+        stop(child, timeout=1.0)
+        if not keep_log:
+            child.log_path.unlink(missing_ok=True)
 
 
 def reap(child: Child) -> int | None:

@@ -68,6 +68,7 @@ class Picked(_M, tag="picked"):
     req: int
     job_id: str | None
     applied_seq: int
+    more: Annotated[list[str], msgspec.Meta(max_length=64)] = []  # a batch: the jobs to start after job_id, in order
 
 
 class Exported(_M, tag="exported"):
@@ -272,6 +273,9 @@ class PickNext(_M, tag="pick"):
     req: int
     now: float
     running: Job | None = None
+    # With ``running`` None: decide up to ``limit`` jobs, in the order they start (the
+    # kernel's dispatch queue, see kernel/core.py); answered in Picked.job_id and .more.
+    limit: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1
 
 
 class ExportState(_M, tag="export"):

@@ -39,7 +39,7 @@ from kernel import kv, plugin_store, processes, protocol
 from kernel.protocol import Lane
 
 SPAWN_TIMEOUT = float(os.environ.get("LUGH_SWAP_SPAWN_TIMEOUT", "15"))  # process start and imports on a loaded 2-core machine (QEMU/TCG targets: more)
-STEP_TIMEOUT = 3.0
+STEP_TIMEOUT = float(os.environ.get("LUGH_SWAP_STEP_TIMEOUT", "3"))  # each step's answer (a QEMU/TCG target sets more)
 DATA_TIMEOUT = 60.0  # export or import of a storage data set (100 000 keys: about a second)
 
 
@@ -382,7 +382,8 @@ def prune_data_dirs(kernel) -> None:
 def _result(kernel, op, service, before, after, *, committed, step="", reason=""):
     since, counters, released_before = kernel.swap_marks
     kernel.swapping = None
-    gaps = [g for t, g in kernel.gaps if t >= since]
+    waits = [(g, s) for t, g, s in kernel.gaps if t >= since]
+    intervals = [i for t, i in kernel.intervals if t >= since]
     totals = kernel.table.totals
     inst = service.active
     return {
@@ -390,7 +391,9 @@ def _result(kernel, op, service, before, after, *, committed, step="", reason=""
         "step": step, "reason": reason,
         "jobs_released_during": totals.released - released_before,
         "fallback_decisions": kernel.counters["fallback_decisions"] - counters.get("fallback_decisions", 0),
-        "max_dispatch_gap_ms": round(max(gaps, default=0.0) * 1000, 3),
+        "max_dispatch_gap_ms": round(max((g for g, _ in waits), default=0.0) * 1000, 3),
+        "max_dispatch_stall_ms": round(max((s for _, s in waits), default=0.0) * 1000, 3),
+        "max_dispatch_interval_ms": round(max(intervals, default=0.0) * 1000, 3),
         "jobs_lost": totals.released - totals.completed - len(kernel.table.ready),
         "messages_lost": (inst.lost if inst else 0) + service.replay_lost,
     }

@@ -13,10 +13,10 @@ from typing import Optional
 
 import typer
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, help="LughOS: a real-time microkernel runtime and its plugin SDK.")
-task_app = typer.Typer(no_args_is_help=True, help="Periodic real-time tasks.")
+app = typer.Typer(add_completion=False, no_args_is_help=True, rich_markup_mode=None, help="LughOS: a real-time microkernel runtime and its plugin SDK.")
+task_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Periodic real-time tasks.")
 app.add_typer(task_app, name="task")
-kv_app = typer.Typer(no_args_is_help=True, help="The storage service: a transactional key-value store with history.")
+kv_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="The storage service: a transactional key-value store with history.")
 app.add_typer(kv_app, name="kv")
 from lugh_sdk.target_cli import target_app  # noqa: E402  (`lugh target ...`)
 
@@ -105,10 +105,14 @@ def down(home: Optional[Path] = HomeOpt, target: str = TargetOpt):
 def status(home: Optional[Path] = HomeOpt, target: str = TargetOpt, as_json: bool = JsonOpt):
     """Services, IPC lanes, tasks and memory of the running kernel."""
     from kernel import protocol
-    from lugh_sdk import views
 
     data = _request(home, target, protocol.StatusReq())
-    _print_json(data) if as_json else views.print_status(data)
+    if as_json:
+        _print_json(data)
+    else:
+        from lugh_sdk import views  # rich: only for a person reading
+
+        views.print_status(data)
 
 
 @task_app.command("add")
@@ -168,12 +172,17 @@ def swap(
 ):
     """Swap a running service's plugin live, with state transfer and rollback."""
     from kernel import protocol
-    from lugh_sdk import progress, views
+    from lugh_sdk import progress
 
     data = progress.request(lambda: _client(home, target),  # with a progress bar of the swap's steps on a terminal
                             protocol.SwapReq(service=service, plugin=plugin, health_window_ms=health_window),
                             timeout=120, swap=True)
-    _print_json(data) if as_json else views.print_swap(data)
+    if as_json:
+        _print_json(data)
+    else:
+        from lugh_sdk import views  # rich: only for a person reading
+
+        views.print_swap(data)
     if not data["committed"]:
         raise typer.Exit(1)
 

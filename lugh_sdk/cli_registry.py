@@ -16,8 +16,8 @@ from typing import Optional
 
 import typer
 
-keys_app = typer.Typer(no_args_is_help=True, help="Ed25519 signing keys, kept in LUGH_HOME/keys (private keys 0600).")
-registry_app = typer.Typer(no_args_is_help=True, help="Registries: create and run one; trust one on this machine.")
+keys_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Ed25519 signing keys, kept in LUGH_HOME/keys (private keys 0600).")
+registry_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Registries: create and run one; trust one on this machine.")
 
 RegistryDirOpt = typer.Option(None, "--registry", help="The registry directory (default: this machine's own, "
                                                        "LUGH_HOME/registry).")
@@ -291,7 +291,7 @@ def register(app: typer.Typer) -> None:
         """Verify (TUF), then install a plugin on the target transactionally; optionally swap to it live."""
         from kernel import protocol
         from kernel.plugin_store import split_spec
-        from lugh_sdk import progress, views
+        from lugh_sdk import progress
 
         name, version = split_spec(spec)
         h = _home(home)
@@ -302,6 +302,8 @@ def register(app: typer.Typer) -> None:
         if as_json:
             _print_json(data)
         else:
+            from lugh_sdk import views
+
             if data.get("swap"):
                 views.print_swap(data["swap"])
             what = ("Installed" if data["installed"] else "Verified (already installed)") if data["committed"] \

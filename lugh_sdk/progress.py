@@ -3,15 +3,14 @@
 The request runs in a thread on its own control connection; a second connection polls
 the kernel (``ProgressReq``) every 100 ms: the install's phase and the bytes
 downloaded, and the journaled step of a swap in progress. Bars are drawn only on a
-terminal; elsewhere the request simply runs.
+terminal; elsewhere the request simply runs, and rich is not even imported (a script's
+`lugh install --json` does not pay for it).
 """
 
 from __future__ import annotations
 
+import sys
 import threading
-
-from rich.console import Console
-from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
 
 from kernel import protocol
 
@@ -20,10 +19,14 @@ SWAP_STEPS = ["begin", "quiesce", "import", "redirect", "commit"]
 POLL = 0.1
 
 
-def request(connect, req, *, timeout: float, console: Console | None = None, swap: bool = False) -> dict:
-    """Send ``req`` and return its reply data, drawing progress while it runs.
+def request(connect, req, *, timeout: float, console=None, swap: bool = False) -> dict:
+    """Send ``req`` and return its reply data, drawing progress while it runs (on
+    ``console``, a rich Console; by default stderr, if it is a terminal).
     ``connect()`` opens a client of the target (called twice: request and polls)."""
-    console = console or Console(stderr=True)
+    if console is None and sys.stderr.isatty():
+        from rich.console import Console
+
+        console = Console(stderr=True)
     outcome: dict = {}
 
     def run():
@@ -35,7 +38,7 @@ def request(connect, req, *, timeout: float, console: Console | None = None, swa
 
     worker = threading.Thread(target=run, name="lugh-request", daemon=True)
     worker.start()
-    if console.is_terminal:
+    if console is not None and console.is_terminal:
         _draw(connect, worker, console, swap)
     worker.join()
     if "error" in outcome:
@@ -47,7 +50,9 @@ def _size(n: int) -> str:
     return f"{n / 1024:.1f} KiB" if n < 1 << 20 else f"{n / (1 << 20):.1f} MiB"
 
 
-def _draw(connect, worker: threading.Thread, console: Console, swap: bool) -> None:
+def _draw(connect, worker: threading.Thread, console, swap: bool) -> None:
+    from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn
+
     columns = (TextColumn("{task.description:<30}"), BarColumn(), TextColumn("{task.fields[detail]}"),
                TimeElapsedColumn())
     phases = SWAP_STEPS if swap else INSTALL_PHASES

@@ -9,7 +9,7 @@ from typing import Optional
 
 import typer
 
-target_app = typer.Typer(no_args_is_help=True, help="Targets: QEMU virtual machines and boards over mutual TLS.")
+target_app = typer.Typer(no_args_is_help=True, rich_markup_mode=None, help="Targets: QEMU virtual machines and boards over mutual TLS.")
 HomeOpt = typer.Option(None, "--home", envvar="LUGH_HOME", help="State directory (default: ~/.local/share/lugh).")
 
 

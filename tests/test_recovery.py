@@ -20,6 +20,7 @@ import pytest
 
 from conftest import boot, install_fixture_plugin, pids_alive, processes_of
 from kernel import journal as kjournal, protocol, supervision
+from kernel.install import last_undoable
 from kernel.supervisor import ROLLBACK_OP, crashloop_target
 from lugh_sdk import chaos, runtime
 from lugh_sdk.api import Task
@@ -130,6 +131,37 @@ def test_the_crash_loop_rollback_target_comes_from_the_journal():
     assert target(newer, current="my-sched") == ("my-sched==1.0.0", "")
 
 
+def test_lugh_rollback_does_not_undo_again_what_a_crash_loop_rollback_undid():
+    def swap(id_, from_, to):
+        return {"op": "swap.commit", "data": {"id": id_, "service": "scheduler", "from": from_, "to": to}}
+
+    def crashloop(undoes, from_, to):
+        return {"op": ROLLBACK_OP, "data": {"id": "c-" + undoes, "service": "scheduler", "undoes": undoes,
+                                            "reason": "6 restarts in 10 s", "from": from_, "to": to}}
+
+    provisioning = {"op": "install.commit", "data": {"id": "p1", "name": "round-robin-scheduler", "version": "1.0.0",
+                                                     "provisioning": True}}
+    first = swap("s1", "round-robin-scheduler", "edf-scheduler")
+    second = swap("s2", "edf-scheduler", "crash-loop-scheduler")
+    assert last_undoable([provisioning, first, second]) is second
+    # The kernel reverted s2 after a crash loop: `lugh rollback` undoes the one before ...
+    assert last_undoable([provisioning, first, second, crashloop("s2", "crash-loop-scheduler", "edf-scheduler")]) is first
+    # ... or finds nothing left to undo.
+    assert last_undoable([provisioning, second, crashloop("s2", "crash-loop-scheduler", "edf-scheduler")]) is None
+    # `lugh install NAME --swap`: a swap, then the install that owns it. The crash loop's
+    # record names the install (or, from an older kernel, its swap): the install is undone.
+    install_swap = [swap("s3", "edf-scheduler", "my-sched==1.1.0"),
+                    {"op": "install.commit", "data": {"id": "i1", "service": "scheduler", "name": "my-sched",
+                                                      "version": "1.1.0", "swap_id": "s3", "from": "edf-scheduler"}}]
+    assert last_undoable([first, *install_swap])["data"]["id"] == "i1"
+    for undoes in ("i1", "s3"):
+        records = [first, *install_swap, crashloop(undoes, "my-sched==1.1.0", "edf-scheduler")]
+        assert last_undoable(records) is first, undoes
+    # A change made after the crash-loop rollback is undoable as usual.
+    third = swap("s4", "edf-scheduler", "round-robin-scheduler")
+    assert last_undoable([first, second, crashloop("s2", "crash-loop-scheduler", "edf-scheduler"), third]) is third
+
+
 def test_the_chaos_plan_is_reproducible_and_within_each_restart_budget():
     services = ["rs", "scheduler", "storage", "monitor", "w0", "w1", "w2"]
     budgets = {name: (4, 10.0) for name in services}
@@ -190,11 +222,12 @@ def back(k, name: str, old_pid: int, timeout: float = 60.0) -> dict:
 
 
 def only_live_processes(k) -> None:
-    """Every process of this kernel is an active incarnation or a standby: nothing stopped,
-    killed or superseded is left behind."""
+    """Every process of this kernel is an active incarnation, a standby or the spare host
+    interpreter: nothing stopped, killed or superseded is left behind."""
     def same(st):
         expected = {s["pid"] for s in st["services"] if s["pid"]}
         expected |= {s["standby"]["pid"] for s in st["services"] if s.get("standby")}
+        expected |= {st["spare_pid"]} - {None}
         return set(processes_of(k.home)) == expected
 
     k.wait_for(same, what="only the live processes to be left")
@@ -372,6 +405,33 @@ def test_a_hot_standby_takes_over_without_a_process_start(supervised):
     only_live_processes(k)
 
 
+def test_a_restart_takes_the_pre_imported_spare_host_and_works_without_one(supervised):
+    k = supervised()
+    c = Client(k)
+    for name in ("storage", "scheduler", "monitor"):
+        st = k.wait_for(lambda st: st["spare_pid"] is not None, what="a spare host")
+        spare, active = st["spare_pid"], svc(st, name)["pid"]
+        os.kill(active, signal.SIGKILL)
+        now = back(k, name, active)
+        assert now["pid"] == spare, (name, now)  # the waiting interpreter became the new incarnation
+        assert now["last_recovery"]["how"] == "spawn"
+        assert (k.home / "run" / f"{now['peer']}.log").exists()  # its log goes by its peer name
+        k.wait_for(lambda st: st["spare_pid"] not in (None, spare), what="a new spare host")
+    assert c.wait([c.put("with-spare", b"ok")])[c.req].ok
+    # A spare that dies before it is taken is discarded: the restart is a plain spawn.
+    st = k.wait_for(lambda st: st["spare_pid"] is not None, what="a spare host")
+    spare, active = st["spare_pid"], svc(st, "storage")["pid"]
+    os.kill(spare, signal.SIGKILL)
+    k.wait_for(lambda st: not pids_alive([spare]), what="the spare to be gone")
+    os.kill(active, signal.SIGKILL)
+    assert back(k, "storage", active)["pid"] != spare
+    assert c.wait([c.put("without-spare", b"ok")])[c.req].ok
+    st = completes(k)
+    assert st["tasks"]["released"] == st["tasks"]["completed"] + st["tasks"]["ready"]
+    c.close()
+    only_live_processes(k)
+
+
 def test_a_plugin_that_crash_loops_after_a_swap_is_rolled_back(supervised):
     k = supervised()
     install_fixture_plugin(k.home, "crash-loop-scheduler")
@@ -392,6 +452,10 @@ def test_a_plugin_that_crash_loops_after_a_swap_is_rolled_back(supervised):
     config = json.loads((k.home / "state" / "services.json").read_text())
     k.wait_for(lambda st: json.loads((k.home / "state" / "services.json").read_text())["plugins"]["scheduler"]
                == "round-robin-scheduler", what="the configuration to be rewritten")
+    # `lugh rollback` knows that the swap was undone already: nothing is left to undo.
+    with pytest.raises(LughError, match="no install or swap left to undo"):
+        k.request(protocol.RollbackReq(), timeout=60)
+    assert svc(k.status(), "scheduler")["plugin"] == "round-robin-scheduler"
     st = completes(k, 40)
     assert st["tasks"]["released"] == st["tasks"]["completed"] + st["tasks"]["ready"]
     only_live_processes(k)

@@ -8,6 +8,7 @@ import time
 import msgspec
 import pytest
 
+from conftest import running_kernel
 from kernel import protocol
 from lugh_sdk.api.types import Task
 from lugh_sdk.client import LughError
@@ -92,3 +93,83 @@ def test_preemptive_scheduler_preempts_by_stopping_the_worker(kernel):
             break
         time.sleep(0.1)
     assert rows["long"]["completed"] >= 2 and rows["long"]["failed"] == 0  # preempted jobs do finish
+
+
+def test_a_late_kernel_releases_every_job_at_its_nominal_time_up_to_the_backlog_bound():
+    # The task table alone, on a fake clock: the loop that comes late to a release
+    # releases what fell due meanwhile, on the period grid; only the backlog bound skips.
+    from kernel.tasks import BACKLOG_S, MAX_BACKLOG, TaskTable, backlog_cap
+
+    def task(name, period_ms):
+        return Task(name=name, period_ms=period_ms, deadline_ms=period_ms, budget_ms=1, priority=1, action="noop")
+
+    # The bound is in time (BACKLOG_S of releases), never below MAX_BACKLOG jobs.
+    assert backlog_cap(task("f", 10)) == round(BACKLOG_S * 100) > MAX_BACKLOG
+    assert backlog_cap(task("s", 1000)) == MAX_BACKLOG
+    table = TaskTable()
+    table.add(task("f", 10), now=100.0)
+    assert [j.release for j in table.release_due(100.0)] == [100.0]
+    late = table.release_due(100.025)  # 15 ms late for the release at 100.010
+    assert [round(j.release, 3) for j in late] == [100.01, 100.02]
+    assert [round(j.deadline, 3) for j in late] == [100.02, 100.03]
+    assert table.tasks["f"].stats.skipped == 0 and table.tasks["f"].stats.last_release == late[-1].release
+    # A slow task at its bound: three unfinished jobs, room for one more; of the six
+    # releases due now, the five oldest are skipped and counted, the newest is released.
+    table = TaskTable()
+    table.add(task("s", 1000), now=0.0)
+    for now in (0.0, 1.0, 2.0):
+        table.release_due(now)
+    jobs = table.release_due(8.5)
+    assert [j.release for j in jobs] == [8.0] and len(table.ready) == MAX_BACKLOG
+    assert table.tasks["s"].stats.skipped == 5 and table.totals.skipped == 5
+    assert table.release_due(8.9) == []  # the next one is due at 9.0
+    for job_id in list(table.ready):
+        table.finish(job_id, 8.95, ok=True)
+    assert [j.release for j in table.release_due(9.0)] == [9.0]
+    stats = table.tasks["s"].stats
+    assert (stats.released, stats.completed, stats.skipped) == (5, 4, 5)
+    assert table.oldest_unfinished() == {"s": 9.0}
+
+
+def test_release_and_start_lags_are_counted_per_job_in_cumulative_buckets():
+    """The histograms bench/edf.py reads from `lugh status --json` (tasks.release_lag_us,
+    tasks.start_lag_us): one count per job, in 50 µs buckets below 10 ms, 1 ms buckets to
+    1 s, and "-1" beyond; cumulative, so two readings give the counts between them."""
+    from kernel.tasks import TaskTable
+
+    table = TaskTable()
+    table.add(Task(name="t", period_ms=10, deadline_ms=10, budget_ms=1, action="noop"), now=100.0)
+    first = table.release_due(100.00002)  # 20 µs late
+    later = table.release_due(100.01232)  # 2.32 ms late for the release at 100.010
+    assert [j.release for j in first + later] == [100.0, 100.01]
+    assert table.release_lag.summary() == {"50": 1, "2350": 1}
+    table.ready[first[0].id].started = 100.0151  # 15.1 ms after its release
+    table.finish(first[0].id, 100.02, ok=True)
+    table.ready[later[0].id].started = 101.5  # more than a second after its release
+    table.finish(later[0].id, 101.6, ok=True)
+    assert table.start_lag.summary() == {"-1": 1, "16000": 1}
+    before = dict(table.release_lag.summary())
+    table.release_due(100.02001)  # 10 µs late
+    after = table.release_lag.summary()
+    assert {k: after[k] - before.get(k, 0) for k in after if after[k] != before.get(k, 0)} == {"50": 1}
+
+
+def test_dispatch_queue_starts_decided_jobs_without_asking_and_still_preempts(home):
+    """``--dispatch-batch 8``: the scheduler answers with several decisions at once and
+    the kernel asks for the next batch while a job runs, so jobs start from the kernel's
+    dispatch queue (``planned_starts``) without a round trip. Every job is still
+    accounted (none lost) and a more important release still preempts the running job."""
+    with running_kernel(home, kernel_args=["--dispatch-batch", "8"]) as k:
+        swap = k.request(protocol.SwapReq(service="scheduler", plugin="priority"), timeout=120)
+        assert swap["committed"], swap
+        for i in range(4):  # released together: a backlog for the batch to decide
+            add(k, name=f"n{i}", period_ms=20, action="noop", priority=5)
+        add(k, name="long", period_ms=100, budget_ms=40, action="spin:40", priority=1)
+        add(k, name="urgent", period_ms=7, deadline_ms=7, budget_ms=1, action="noop", priority=200)
+        st = k.wait_for(lambda s: s["counters"].get("planned_starts", 0) >= 20
+                        and s["counters"].get("preemptions", 0) >= 3 and s["counters"].get("resumed", 0) >= 3,
+                        what="starts from the dispatch queue, preemptions and resumptions")
+        t = st["tasks"]
+        assert t["released"] == t["completed"] + t["ready"]  # nothing lost
+        rows = {r["name"]: r for r in k.request(protocol.TaskListReq())["tasks"]}
+        assert all(rows[f"n{i}"]["completed"] >= 3 and rows[f"n{i}"]["failed"] == 0 for i in range(4))

@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import importlib
 import importlib.metadata
+import json
 import os
 import sys
 from pathlib import Path
@@ -28,6 +29,7 @@ from kernel.services import loop
 from lugh_sdk.api import PROJECT
 
 EXIT_PLUGIN_REFUSED = 3
+KINDS = ("scheduler", "storage", "monitor")
 
 
 def load_plugin(plugin_dir: Path, kind: str) -> tuple[pluggy.PluginManager, plugin_store.Manifest]:
@@ -78,10 +80,31 @@ class FaultInjector:
             raise InjectedFault(f"fault injected into {hook_name} by lugh chaos")
 
 
+def await_identity() -> list[str] | None:
+    """A spare (``--spare``, :class:`kernel.processes.Spare`): import everything a host
+    of any kind needs, then wait for the kernel to say who this process is: its
+    arguments and the rest of its environment (its token), one JSON line on stdin.
+    None: the kernel closed stdin without taking it."""
+    die_with_parent(int(os.environ["LUGH_PARENT_PID"]))
+    for kind in KINDS:
+        importlib.import_module(f"kernel.services.{kind}")
+    line = sys.stdin.buffer.readline()
+    if not line:
+        return None
+    identity = json.loads(line)
+    os.environ.update(identity["env"])
+    return identity["argv"]
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv == ["--spare"]:
+        argv = await_identity()
+        if argv is None:
+            return 0
     parser = argparse.ArgumentParser(prog="kernel.services.host")
     parser.add_argument("--peer", required=True)
-    parser.add_argument("--kind", required=True, choices=["scheduler", "storage", "monitor"])
+    parser.add_argument("--kind", required=True, choices=KINDS)
     parser.add_argument("--plugin-dir", required=True, type=Path)
     parser.add_argument("--data-dir", type=Path)
     parser.add_argument("--heartbeat", type=float, default=0.1)

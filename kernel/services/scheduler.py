@@ -21,7 +21,15 @@ class Server:
         try:
             if isinstance(msg, protocol.PickNext):
                 job_id = hook.sched_pick_next(now=msg.now, running=msg.running)
-                return protocol.Picked(req=msg.req, job_id=job_id, applied_seq=self.stream.applied)
+                more = []
+                # A batch: the plugin's next picks with no event in between are the order
+                # in which it would start those jobs; one message carries them all.
+                while job_id is not None and msg.running is None and len(more) < msg.limit - 1:
+                    following = hook.sched_pick_next(now=msg.now, running=None)
+                    if following is None:
+                        break
+                    more.append(following)
+                return protocol.Picked(req=msg.req, job_id=job_id, applied_seq=self.stream.applied, more=more)
             if isinstance(msg, protocol.JobReleased):
                 hook.sched_job_released(job=msg.job)
             elif isinstance(msg, protocol.JobCompleted):
