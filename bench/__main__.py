@@ -41,7 +41,7 @@ BENCHMARKS = KNOWN + tuple(sorted(p.stem for p in BENCH.glob("*.py")
                                   if not p.stem.startswith("_") and p.stem not in KNOWN + OPTIONAL))
 # Seconds each may take with --quick before it is stopped (a script on its own budget).
 TIMEOUT_S = {"roundtrip": 90, "lanes": 90, "dispatch": 90, "startup": 60, "storage": 120, "swap": 150,
-             "install": 150, "edf": 150, "recovery": 180, "targets": 1800}
+             "install": 150, "edf": 150, "recovery": 240, "targets": 1800}
 
 
 class Missing(Exception):
@@ -132,6 +132,8 @@ ROWS = [
     Row("EDF: jobs lost", "edf", "edf.lost", "jobs", goal=("<=", 0), on="figure"),
     Row("crash to serving p50, new process", "recovery", "crash_to_serving.new_process.all.median_ms", "ms",
         "bare_python_pynng.median_ms", "bare spawn + import pynng", ("<=", 1.5)),
+    Row("crash to serving p50, plain spawn (--no-spare)", "recovery", "crash_to_serving.plain_spawn.all.median_ms",
+        "ms", "bare_python_pynng.median_ms", "bare spawn + import pynng"),
     Row("crash to serving p50, hot standby", "recovery", "crash_to_serving.hot_standby.all.median_ms", "ms",
         "bare_python_pynng.median_ms", "bare spawn + import pynng", ("<=", 10), on="figure"),
     Row("targets: install --swap over mutual TLS", "targets", "install_swap.tls_median_s", "s",

@@ -11,7 +11,9 @@ the heartbeat period.
    got its state: the scheduler's import of the kernel's truth, the storage's replay),
    on the same clock (CLOCK_MONOTONIC is machine-wide). Once with restarts by a new
    process (the kernel's default: the pre-imported spare host if one is waiting, else a
-   plain spawn; the report says how many took the spare), once with a hot standby for
+   plain spawn; the report says how many took the spare), once with the spare turned off
+   (``--no-spare``: every restart starts and imports a new interpreter, for
+   information), once with a hot standby for
    each of the three (``standby = true``). The
    policy is set so that every restart is immediate (``stable_s = 0``) and no service is
    given up (``intensity``): the benchmark restarts the same services many times.
@@ -94,18 +96,18 @@ def settle(bench, standby: bool) -> None:
     time.sleep(0.3)
 
 
-def crash_round_trips(rounds: int, standby: bool) -> dict[str, list[float]]:
+def crash_round_trips(rounds: int, standby: bool, spare: bool = True) -> dict[str, list[float]]:
     services = {name: {**POLICY, "standby": standby} for name in SERVICES}
     prepare = lambda home: supervision.write(home, defaults=POLICY, services=services)
     times: dict[str, list[float]] = {name: [] for name in SERVICES}
     seen: dict[str, list[float]] = {name: [] for name in SERVICES}
     hows: set = set()
-    with temporary_kernel("none", prepare=prepare) as bench:
+    with temporary_kernel("none", prepare=prepare, kernel_args=[] if spare else ["--no-spare"]) as bench:
         for task in TASKS:
             bench.request(protocol.TaskAddReq(task=task))
         spare_before = bench.status()["counters"].get("spare_taken", 0)
         for i in range(rounds):
-            progress(f"crash round {i + 1}/{rounds} ({'hot standby' if standby else 'new process'})")
+            progress(f"crash round {i + 1}/{rounds} ({'hot standby' if standby else 'new process' if spare else 'plain spawn'})")
             for name in SERVICES:
                 settle(bench, standby)
                 victim = svc(bench.status(), name)
@@ -152,6 +154,7 @@ def main() -> int:
     progress(f"{args.bare} bare starts of python + import pynng")
     bare = ms(bare_starts(args.bare))
     spawn = crash_round_trips(args.rounds, standby=False)
+    plain = crash_round_trips(args.rounds, standby=False, spare=False)
     hot = crash_round_trips(args.rounds, standby=True)
     hangs = {}
     for period in [float(p) for p in args.periods.split(",")]:
@@ -160,8 +163,10 @@ def main() -> int:
 
     all_spawn = ms([t for v in spawn["serving"].values() for t in v])
     all_hot = ms([t for v in hot["serving"].values() for t in v])
+    all_plain = ms([t for v in plain["serving"].values() for t in v])
     rows = [["bare: python + import pynng", bare["median_ms"], bare["p99_ms"], "-", 1.0]]
-    for label, data, total in (("restart, new process", spawn, all_spawn), ("restart, hot standby", hot, all_hot)):
+    for label, data, total in (("restart, new process", spawn, all_spawn), ("restart, plain spawn (--no-spare)", plain, all_plain),
+                               ("restart, hot standby", hot, all_hot)):
         for name in SERVICES:
             m = ms(data["serving"][name])
             rows.append([f"{label}: {name}", m["median_ms"], m["p99_ms"], ms(data["exit_seen"][name])["median_ms"],
@@ -184,11 +189,13 @@ def main() -> int:
         "benchmark": "recovery",
         "bare_python_pynng": bare,
         "crash_to_serving": {"new_process": {n: ms(v) for n, v in spawn["serving"].items()} | {"all": all_spawn},
+                             "plain_spawn": {n: ms(v) for n, v in plain["serving"].items()} | {"all": all_plain},
                              "hot_standby": {n: ms(v) for n, v in hot["serving"].items()} | {"all": all_hot}},
         "exit_seen": {"new_process": ms([t for v in spawn["exit_seen"].values() for t in v]),
                       "hot_standby": ms([t for v in hot["exit_seen"].values() for t in v])},
         "hang_detection": {f"{p:g}": {"tolerance_ms": 3 * p, **h} for p, h in hangs.items()},
         "ratio_new_process_to_bare": ratio(all_spawn["median_ms"], bare["median_ms"]),
+        "ratio_plain_spawn_to_bare": ratio(all_plain["median_ms"], bare["median_ms"]),
         "hot_standby_median_ms": all_hot["median_ms"],
         "new_process_spare_taken": spawn["spare_taken"],
         "goal": goal(f"crash to serving, median: new process / bare start <= {SPAWN_RATIO_LIMIT:g}, "

@@ -41,6 +41,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget", type=int, default=Options.memory_budget)
     parser.add_argument("--dispatch-batch", type=int, default=Options.dispatch_batch, choices=range(1, 65),
                         metavar="1..64", help="scheduler decisions per answer (the dispatch queue, kernel/core.py)")
+    parser.add_argument("--no-spare", dest="spare", action="store_false",
+                        help="no pre-imported spare host: every restart starts a new interpreter")
     parser.add_argument("--listen", default=None, help="also serve control on tls+tcp://HOST:PORT (kernel/remote.py)")
     parser.add_argument("--tls-dir", type=Path, default=None, help="ca.pem, server.pem, server.key for --listen")
     args = parser.parse_args(argv)
@@ -54,7 +56,8 @@ def main(argv: list[str] | None = None) -> int:
         return EXIT_ALREADY_RUNNING
     paths.clear_stale(run_dir)
     kernel = Kernel(home, run_dir, Options(heartbeat=args.heartbeat, workers=args.workers,
-                                           memory_budget=args.memory_budget, dispatch_batch=args.dispatch_batch))
+                                           memory_budget=args.memory_budget, dispatch_batch=args.dispatch_batch,
+                                           spare=args.spare))
     stop = lambda *_: kernel.call(setattr, kernel, "stopping", True)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

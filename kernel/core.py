@@ -82,6 +82,7 @@ class Options:
     workers: int = WORKERS
     memory_budget: int = DEFAULT_BUDGET
     dispatch_batch: int = 1  # decisions per scheduler answer (the dispatch queue, see above)
+    spare: bool = True  # keep a pre-imported host interpreter for restarts (kernel/processes.py, Spare)
 
 
 @dataclass
@@ -1026,7 +1027,7 @@ class Kernel:
                 self._fallback_decide()
                 self.pick_req = saved
         self.sup.check(now)  # hangs (charged silence), start timeouts, standbys, the kernel's own restarts
-        if not self.stopping and not self.swapping:  # a spare's imports do not compete with a swap
+        if self.options.spare and not self.stopping and not self.swapping:  # a spare's imports do not compete with a swap
             self.spare.refill(now)
         for inst in list(self.instances.values()):
             if inst.job is not None and not inst.stopped:
