@@ -107,7 +107,9 @@ def print_tasks(data: dict) -> None:
 def print_swap(data: dict) -> None:
     if data["committed"]:
         console.print(f"[green]Swapped[/] {data['service']}: {data['previous']} -> {data['plugin']} in {data['duration_ms']} ms; "
-                      f"longest dispatch gap {data['max_dispatch_gap_ms']} ms, jobs lost {data['jobs_lost']}, "
+                      f"longest dispatch gap {data['max_dispatch_gap_ms']} ms"
+                      + (f" (stall {data['max_dispatch_stall_ms']} ms)" if data.get("max_dispatch_stall_ms") is not None else "")
+                      + f", jobs lost {data['jobs_lost']}, "
                       f"messages lost {data['messages_lost']}.")
     else:
         console.print(f"[red]Swap rolled back[/] at step {data['step']}: {data['reason']}. "
