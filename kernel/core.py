@@ -773,8 +773,6 @@ class Kernel:
 
     def _release_due(self) -> None:
         now = time.monotonic()
-        if self.table.next_release() > now:
-            return
         jobs = self.table.release_due(now)
         for job in jobs:
             self._stream("scheduler", protocol.JobReleased(seq=0, job=job))
@@ -810,14 +808,19 @@ class Kernel:
             if self.pick_late:  # the scheduler is stalled: dispatching does not wait for it
                 self._fallback_decide()
             return
-        running = self.table.ready[self.running].job if self.running else None
-        self.pick_for = self.running
+        self._ask(inst, self.running)
+
+    def _ask(self, inst: Instance, pick_for: str | None, limit: int = 1) -> None:
+        """Send the one outstanding PickNext: what runs now (``pick_for`` None, up to
+        ``limit`` decisions), or does anything preempt ``pick_for``."""
+        running = self.table.ready[pick_for].job if pick_for else None
+        self.pick_for = pick_for
         self.pick_req = self.next_req()
         self.pick_sent = time.monotonic()
         self.pick_late = False
-        self.pick_open = True
+        self.pick_open = True  # if the slot frees before the answer, the wait is deliberation
         self._send(inst, protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
-                                          now=self.pick_sent, running=running), Lane.HIGH)
+                                          now=self.pick_sent, running=running, limit=limit), Lane.HIGH)
 
     def _pick_closed(self) -> None:
         """The pick stops holding dispatching back (answered, late, or its scheduler
@@ -847,8 +850,7 @@ class Kernel:
             if valid:
                 self._dispatch(job_id)
                 if self.running != job_id:  # no worker free for it: the scheduler gets it back
-                    self.counters["decisions_stale"] += 1
-                    self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
+                    self._give_back(record, "decisions_stale")
             elif asked_about is not None:
                 self._want_decision()  # the running job finished meanwhile: ask the right question
             elif self.table.ready:
@@ -862,8 +864,13 @@ class Kernel:
             else:
                 # The scheduler took ``job_id`` off its queue for a decision that no
                 # longer applies (the fallback dispatched meanwhile): give it back.
-                self.counters["decisions_stale"] += 1
-                self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
+                self._give_back(record, "decisions_stale")
+
+    def _give_back(self, record, counter: str) -> None:
+        """A job the scheduler took off its queue but that did not start (or stopped):
+        it is ready again, and the scheduler must know to pick it."""
+        self.counters[counter] += 1
+        self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
 
     def _idle_worker(self) -> Instance | None:
         for service in self.services.values():
@@ -920,16 +927,10 @@ class Kernel:
     def _ask_ahead(self) -> None:
         """While a job runs, ask for the next batch, so that it is decided by the time
         the slot frees."""
-        if (self.running is not None and not self.planned and self.pick_req is None
-                and len(self.table.ready) > 1 and self._scheduler_usable() is not None):
-            self.pick_for = None
-            self.pick_req = self.next_req()
-            self.pick_sent = time.monotonic()
-            self.pick_late = False
-            self.pick_open = True  # if the slot frees before the answer, the wait is deliberation
-            self._send(self.services["scheduler"].active,
-                       protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
-                                         now=self.pick_sent, limit=self.options.dispatch_batch), Lane.HIGH)
+        if self.running is not None and not self.planned and self.pick_req is None and len(self.table.ready) > 1:
+            inst = self._scheduler_usable()
+            if inst is not None:
+                self._ask(inst, None, self.options.dispatch_batch)
 
     def _return_planned(self) -> None:
         """Give queued decisions back to the scheduler (a preemption reorders what
@@ -937,8 +938,7 @@ class Kernel:
         while self.planned:
             record = self.table.ready.get(self.planned.popleft())
             if record is not None and record.worker is None:
-                self.counters["decisions_returned"] += 1
-                self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
+                self._give_back(record, "decisions_returned")
 
     def _preempt(self, job_id: str) -> None:
         self._return_planned()
@@ -987,8 +987,7 @@ class Kernel:
             record = self.table.ready.get(inst.job)
             if record is not None:
                 record.worker = record.started = None
-                self.counters["redispatched"] += 1
-                self._stream("scheduler", protocol.JobReleased(seq=0, job=record.job))
+                self._give_back(record, "redispatched")
             if self.running == inst.job:
                 self.running = None
                 self._mark_waiting(time.monotonic())

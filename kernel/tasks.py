@@ -22,12 +22,12 @@ from lugh_sdk.api.types import Job, Task
 # recovered kernel skipped that task's releases for as long as the machine stayed busy.
 MAX_BACKLOG = 4
 BACKLOG_S = 0.5
+RESPONSE_SAMPLES = 512
 
 
 def backlog_cap(task: Task) -> int:
     """Unfinished jobs a task may have before its releases are skipped."""
     return max(MAX_BACKLOG, math.ceil(BACKLOG_S * 1000.0 / task.period_ms))
-RESPONSE_SAMPLES = 512
 
 
 @dataclass

@@ -124,6 +124,9 @@ def serve(link: PeerLink, server, stream: Stream, heartbeat_period: float) -> No
     else:
         handle = lambda msg, lane, _h=server.handle: _h(msg)
     reorder = Reorder(stream)
+    # Answers are kept when the kernel's socket is full (PeerLink.send): nothing would
+    # send them again.
+    answer = lambda reply, lane: link.send(reply, lane, keep=True)
     while not term["stop"]:
         now = time.monotonic()
         if now >= next_beat:
@@ -132,7 +135,7 @@ def serve(link: PeerLink, server, stream: Stream, heartbeat_period: float) -> No
             next_beat = now + heartbeat_period
         if tick is not None:
             for reply, lane in tick(now):
-                link.send(reply, lane, keep=True)
+                answer(reply, lane)
             wake = min(next_beat, server.next_timer())
         else:
             wake = next_beat
@@ -145,7 +148,7 @@ def serve(link: PeerLink, server, stream: Stream, heartbeat_period: float) -> No
         if item is None:
             if not idle:
                 for reply, lane in getattr(server, "flush", _nothing)():
-                    link.send(reply, lane, keep=True)
+                    answer(reply, lane)
             idle = True
             continue
         idle = False
@@ -168,14 +171,14 @@ def serve(link: PeerLink, server, stream: Stream, heartbeat_period: float) -> No
             reply = handle(msg, lane)
         if isinstance(reply, list):
             for one, one_lane in reply:
-                link.send(one, one_lane, keep=True)
+                answer(one, one_lane)
         elif reply is not None:
-            link.send(reply, lane, keep=True)
+            answer(reply, lane)
         if getattr(server, "batch_full", False):
             for reply, lane in server.flush():
-                link.send(reply, lane, keep=True)
+                answer(reply, lane)
     for reply, lane in getattr(server, "flush", _nothing)():
-        link.send(reply, lane, keep=True)
+        answer(reply, lane)
     link.flush()
 
 
