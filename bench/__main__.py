@@ -136,6 +136,9 @@ ROWS = [
         "ms", "bare_python_pynng.median_ms", "bare spawn + import pynng"),
     Row("crash to serving p50, hot standby", "recovery", "crash_to_serving.hot_standby.all.median_ms", "ms",
         "bare_python_pynng.median_ms", "bare spawn + import pynng", ("<=", 10), on="figure"),
+    Row("hot standby: crash to exit seen p50 (OS teardown)", "recovery", "exit_seen.hot_standby.median_ms", "ms",
+        "bare_exit_seen.median_ms", "kill to exit seen, bare python + pynng"),
+    Row("hot standby: exit seen to serving p50", "recovery", "hot_standby_exit_to_serving.median_ms", "ms"),
     Row("targets: install --swap over mutual TLS", "targets", "install_swap.tls_median_s", "s",
         "install_swap.local_median_s", "local (ipc)"),
 ]

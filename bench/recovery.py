@@ -31,9 +31,11 @@ bare start; a hot standby within 10 ms.
 from __future__ import annotations
 
 import os
+import select
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -58,6 +60,31 @@ def ms(values: list[float]) -> dict:
     return {"count": len(s), "median_ms": round(percentile(s, 0.5) * 1000, 1),
             "p99_ms": round(percentile(s, 0.99) * 1000, 1), "min_ms": round(s[0] * 1000, 1),
             "max_ms": round(s[-1] * 1000, 1)}
+
+
+def bare_exits(count: int) -> list[float]:
+    """SIGKILL to the exit the kernel can see (its pidfd readable) of a Python process
+    that imported pynng and holds six sockets, as a service does (three lanes each way):
+    the operating system's teardown, which every recovery waits for before it can act."""
+    env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
+    out = []
+    with tempfile.TemporaryDirectory(prefix="lugh-bench-exit-") as tmp:
+        code = ("import pynng, sys; s = [pynng.Pull0(listen=f'ipc://{sys.argv[1]}/{i}') for i in range(6)]; "
+                "sys.stdout.write('x'); sys.stdout.flush(); sys.stdin.read()")
+        for _ in range(count):
+            proc = subprocess.Popen([sys.executable, "-c", code, tmp], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
+                                    env=env)
+            proc.stdout.read(1)
+            pidfd = os.pidfd_open(proc.pid)
+            try:
+                killed = time.monotonic()
+                os.kill(proc.pid, signal.SIGKILL)
+                select.select([pidfd], [], [], 10.0)
+                out.append(time.monotonic() - killed)
+            finally:
+                os.close(pidfd)
+                proc.wait()
+    return out
 
 
 def bare_starts(count: int) -> list[float]:
@@ -153,6 +180,8 @@ def main() -> int:
 
     progress(f"{args.bare} bare starts of python + import pynng")
     bare = ms(bare_starts(args.bare))
+    progress(f"{args.bare} kills of a bare python + pynng process with six sockets")
+    bare_exit = ms(bare_exits(args.bare))
     spawn = crash_round_trips(args.rounds, standby=False)
     plain = crash_round_trips(args.rounds, standby=False, spare=False)
     hot = crash_round_trips(args.rounds, standby=True)
@@ -164,6 +193,8 @@ def main() -> int:
     all_spawn = ms([t for v in spawn["serving"].values() for t in v])
     all_hot = ms([t for v in hot["serving"].values() for t in v])
     all_plain = ms([t for v in plain["serving"].values() for t in v])
+    # What the runtime itself takes once the exit is seen (the rest is the OS's teardown).
+    hot_after_exit = ms([t - s for name in SERVICES for t, s in zip(hot["serving"][name], hot["exit_seen"][name])])
     rows = [["bare: python + import pynng", bare["median_ms"], bare["p99_ms"], "-", 1.0]]
     for label, data, total in (("restart, new process", spawn, all_spawn), ("restart, plain spawn (--no-spare)", plain, all_plain),
                                ("restart, hot standby", hot, all_hot)):
@@ -174,6 +205,10 @@ def main() -> int:
         rows.append([f"{label}: all", total["median_ms"], total["p99_ms"],
                      ms([t for v in data["exit_seen"].values() for t in v])["median_ms"],
                      ratio(total["median_ms"], bare["median_ms"])])
+    rows.append(["bare: kill to exit seen, python + pynng, 6 sockets", bare_exit["median_ms"], bare_exit["p99_ms"],
+                 bare_exit["median_ms"], "-"])
+    rows.append(["restart, hot standby: exit seen to serving", hot_after_exit["median_ms"], hot_after_exit["p99_ms"],
+                 "-", "-"])
     text = "crash (SIGKILL) to serving again\n" + table(
         ["", "median ms", "p99 ms", "exit seen ms", "median / bare"], rows)
     hang_rows = [[f"{p:g} ms", round(3 * p, 1), h["median_ms"], h["p99_ms"], h["min_ms"], h["max_ms"],
@@ -193,6 +228,8 @@ def main() -> int:
                              "hot_standby": {n: ms(v) for n, v in hot["serving"].items()} | {"all": all_hot}},
         "exit_seen": {"new_process": ms([t for v in spawn["exit_seen"].values() for t in v]),
                       "hot_standby": ms([t for v in hot["exit_seen"].values() for t in v])},
+        "bare_exit_seen": bare_exit,
+        "hot_standby_exit_to_serving": hot_after_exit,
         "hang_detection": {f"{p:g}": {"tolerance_ms": 3 * p, **h} for p, h in hangs.items()},
         "ratio_new_process_to_bare": ratio(all_spawn["median_ms"], bare["median_ms"]),
         "ratio_plain_spawn_to_bare": ratio(all_plain["median_ms"], bare["median_ms"]),
