@@ -39,7 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (arguments, child, emit, goal, progress, protocol, ratio, read_line, run,  # noqa: E402
                            table, temporary_kernel)
-from bench.roundtrip import bare_series, echo_server  # noqa: E402
+from bench.roundtrip import bare_series  # noqa: E402
 from lugh_sdk.api.types import Task  # noqa: E402
 
 GOAL_JOBS_PER_S = 5000
@@ -106,9 +106,6 @@ def main() -> int:
     parser.add_argument("--count", type=int, default=5000, help="bare round trips (default 5000)")
     parser.add_argument("--batch", type=int, default=8, help="the batched row's --dispatch-batch (default 8)")
     args = parser.parse_args()
-    if args.child is not None:
-        echo_server(*args.child)
-        return 0
     if args.quick:  # 3 s per kernel, 2000 bare round trips; the same offered rate from fewer tasks (quicker to add)
         args.seconds, args.rounds, args.count, args.settle_s = 3.0, 2, 2000, 0.5
         args.tasks, args.period_ms = args.tasks // 2, args.period_ms / 2

@@ -55,6 +55,10 @@ SPAWN_RATIO_LIMIT = 1.5  # new-process restart median / bare start median
 STANDBY_LIMIT_MS = 10.0
 
 
+# The bare baselines run as the kernel starts its children (kernel/core.py, _child_env).
+BARE_ENV = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
+
+
 def ms(values: list[float]) -> dict:
     s = sorted(values)
     return {"count": len(s), "median_ms": round(percentile(s, 0.5) * 1000, 1),
@@ -66,14 +70,13 @@ def bare_exits(count: int) -> list[float]:
     """SIGKILL to the exit the kernel can see (its pidfd readable) of a Python process
     that imported pynng and holds six sockets, as a service does (three lanes each way):
     the operating system's teardown, which every recovery waits for before it can act."""
-    env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
     out = []
     with tempfile.TemporaryDirectory(prefix="lugh-bench-exit-") as tmp:
         code = ("import pynng, sys; s = [pynng.Pull0(listen=f'ipc://{sys.argv[1]}/{i}') for i in range(6)]; "
                 "sys.stdout.write('x'); sys.stdout.flush(); sys.stdin.read()")
         for _ in range(count):
             proc = subprocess.Popen([sys.executable, "-c", code, tmp], stdout=subprocess.PIPE, stdin=subprocess.PIPE,
-                                    env=env)
+                                    env=BARE_ENV)
             proc.stdout.read(1)
             pidfd = os.pidfd_open(proc.pid)
             try:
@@ -88,12 +91,11 @@ def bare_exits(count: int) -> list[float]:
 
 
 def bare_starts(count: int) -> list[float]:
-    env = dict(os.environ, MALLOC_ARENA_MAX="2", PYTHONDONTWRITEBYTECODE="1")
     out = []
     for _ in range(count):
         started = time.monotonic()
         proc = subprocess.Popen([sys.executable, "-c", "import pynng, sys; sys.stdout.write('x'); sys.stdout.flush()"],
-                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=env)
+                                stdout=subprocess.PIPE, stdin=subprocess.DEVNULL, env=BARE_ENV)
         proc.stdout.read(1)
         out.append(time.monotonic() - started)
         proc.wait()
