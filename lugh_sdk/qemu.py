@@ -13,9 +13,11 @@ tls+tcp://0.0.0.0:7447``, which QEMU's user network forwards from
 ``127.0.0.1:PORT`` on the host. The guest's state lives in RAM: each boot starts
 afresh.
 
-KVM is used when it works; otherwise QEMU runs under TCG (``-accel kvm -accel tcg``
-after a probe of /dev/kvm). A VM that does not come up gives an error with the tail of
-its serial console.
+KVM is used when it works; otherwise QEMU runs under TCG. /dev/kvm can open, create a
+VM and still never run one (seen under nested virtualisation: QEMU spins a core and the
+guest prints nothing), so a KVM guest must print its kernel's banner on the serial
+console within ``KVM_ALIVE_S`` or it is stopped and booted again under TCG. A VM that
+does not come up gives an error with the tail of its serial console.
 """
 
 from __future__ import annotations
@@ -34,6 +36,8 @@ from lugh_sdk.errors import LughError
 
 BOOT_TIMEOUT = float(os.environ.get("LUGH_QEMU_BOOT_TIMEOUT", "600"))  # TCG on a busy 2-core machine
 GUEST_PORT = 7447
+# A KVM guest prints its banner within a second; silence this long: KVM does not run it.
+KVM_ALIVE_S = float(os.environ.get("LUGH_QEMU_KVM_ALIVE_S", "15"))
 # Under TCG the CPU model decides most of the boot time: with `-cpu max` the guest's
 # software uses features that TCG emulates slowly (pointer authentication, computed in
 # software, on every function call of Debian's arm64 binaries; on x86_64 most likely
@@ -190,7 +194,9 @@ def command(home: Path, name: str, entry: dict, accel: str) -> list[str]:
         console = "ttyAMA0"
     return [f"qemu-system-{arch}", *machine, "-accel", accel, "-smp", os.environ.get("LUGH_QEMU_SMP", "2"), "-m", str(entry.get("memory_mb", 1024)),
             "-kernel", str(files["kernel"]), "-initrd", str(files["initrd"]),
-            "-append", f"console={console} panic=-1 loglevel=4",
+            # loglevel 6 shows the banner (a notice) that tells a KVM guest runs; under TCG
+            # every console line is slow, so only warnings and worse
+            "-append", f"console={console} panic=-1 loglevel={6 if accel == 'kvm' else 4}",
             "-display", "none", "-monitor", "none", "-serial", f"file:{d / 'console.log'}", "-no-reboot",
             "-netdev", f"user,id=n0,hostfwd=tcp:127.0.0.1:{port}-:{entry.get('guest_port', GUEST_PORT)}",
             "-device", "virtio-net-pci,netdev=n0",
@@ -226,10 +232,9 @@ def up(home: Path, name: str, entry: dict, workload: str = "none", timeout: floa
     (d / "console.log").unlink(missing_ok=True)
     accel = os.environ.get("LUGH_QEMU_ACCEL") or ("kvm" if entry["arch"] == os.uname().machine and kvm_usable() else "tcg")
     proc = _start(home, name, entry, accel)
-    if accel == "kvm":  # /dev/kvm may open and create a VM, and still fail (nested, MSRs): then TCG
-        time.sleep(3)
-        if proc.poll() is not None:
-            proc = _start(home, name, entry, "tcg")
+    if accel == "kvm" and not _kvm_guest_alive(home, name, proc):
+        _stop(home, name, proc.pid)
+        proc = _start(home, name, entry, "tcg")
     deadline = time.monotonic() + timeout
     cli = targets.client(home, name, timeout=5.0)
     last = ["the guest kernel is not listening yet"]
@@ -266,6 +271,17 @@ def up(home: Path, name: str, entry: dict, workload: str = "none", timeout: floa
         raise
     finally:
         cli.close()
+
+
+def _kvm_guest_alive(home: Path, name: str, proc: subprocess.Popen) -> bool:
+    """Whether a guest started under KVM runs: its serial console shows the kernel's
+    banner (``command`` asks for it under KVM) before ``KVM_ALIVE_S``."""
+    deadline = time.monotonic() + KVM_ALIVE_S
+    while time.monotonic() < deadline and proc.poll() is None:
+        if _console_says(home, name, "Linux version"):
+            return True
+        time.sleep(0.2)
+    return False
 
 
 def _start(home: Path, name: str, entry: dict, accel: str) -> subprocess.Popen:
