@@ -162,6 +162,7 @@ class Kernel:
         self.regions = RegionTable(f"lugh{os.getpid()}")
         self.sel = selectors.DefaultSelector()
         self.inbox = ipc.Inbox(run_dir)
+        self.closer = ipc.Closer()  # a departed peer's sockets, closed off the loop thread
         for lane, fd in self.inbox.fds().items():
             self.sel.register(fd, selectors.EVENT_READ, ("lane", lane))
         self._wake_r, self._wake_w = os.pipe()
@@ -360,6 +361,7 @@ class Kernel:
             self._forget(inst)
         self.spare.close()
         self.regions.clear()
+        self.closer.stop()
         self.inbox.close()
         self.sup.close()
         self.journal.close()
@@ -972,7 +974,7 @@ class Kernel:
 
     def _gone(self, inst: Instance, reason: str) -> None:
         service = inst.service
-        self._forget(inst)
+        self._forget(inst, release=False)
         if not inst.ready_future.done():
             inst.ready_future.set_exception(RuntimeError(f"{inst.peer} exited before it was ready ({reason})"))
         for req, (fut, owner) in list(self.requests.items()):
@@ -981,6 +983,7 @@ class Kernel:
                 fut.set_exception(RuntimeError(f"{inst.peer} exited ({reason})"))
         if not self.stopping:
             self.sup.gone(inst, reason)  # reported once; restarted by the RS (the RS and workers: here)
+        self._release(inst)  # after the recovery has begun: closing its sockets takes milliseconds
 
     def _worker_lost(self, inst: Instance, service: Service) -> None:
         if inst.job is not None:
@@ -992,16 +995,24 @@ class Kernel:
                 self.running = None
                 self._mark_waiting(time.monotonic())
 
-    def _forget(self, inst: Instance) -> None:
+    def _forget(self, inst: Instance, release: bool = True) -> None:
         self.instances.pop(inst.peer, None)
         for pipe in [p for p, i in self.pipes.items() if i is inst]:
             self.departed[pipe] = self.pipes.pop(pipe)
         while len(self.departed) > 1024:
             self.departed.popitem(last=False)
-        inst.outbox.close()
-        self.regions.reclaim(inst.peer)
-        for path in self.run_dir.glob(f"{inst.peer}.?"):
-            path.unlink(missing_ok=True)
+        self.regions.reclaim(inst.peer)  # before a next incarnation asks for its memory
+        if release:
+            self._release(inst)
+
+    def _release(self, inst: Instance) -> None:
+        peer = inst.peer
+
+        def remove_files():
+            for path in self.run_dir.glob(f"{peer}.?"):
+                path.unlink(missing_ok=True)
+
+        self.closer.close(inst.outbox, then=remove_files)
 
     def _watchdogs(self, now: float) -> None:
         if self.pick_req is not None and now - self.pick_sent > PICK_TIMEOUT:

@@ -251,6 +251,22 @@ class RestartPolicy:
         rec.backoff = min(s.backoff_cap, max(s.backoff_start, rec.backoff * 2))
         return "restart"
 
+    def immediate(self, service: str, now: float) -> bool:
+        """Whether a failure of ``service`` at ``now`` would be answered by a restart at
+        once (what :meth:`failed` would schedule with no backoff). Once true it stays
+        true until the next failure: restarts only leave the period, and a service only
+        becomes stable, as time passes."""
+        s = self.settings(service)
+        rec = self.services.get(service)
+        if rec is None:
+            return not self.escalate or s.intensity > 0
+        if rec.given_up or rec.due is not None:
+            return False
+        recent = [t for t in rec.restarts if now - t <= s.period]
+        if self.escalate and len(recent) >= s.intensity:
+            return False
+        return not recent or now - recent[-1] >= s.stable or rec.backoff == 0.0
+
     def due(self, now: float) -> list[tuple[str, str, str]]:
         """Restarts due now, as (service, reason, failed peer); each is counted."""
         out = []

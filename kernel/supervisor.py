@@ -26,7 +26,9 @@ killed too.
 belongs to the service, not to the process) and its stream waits in the replay log.
 The kernel tells the reincarnation server (``service_down``, once per failure); the RS
 answers ``Restart`` when its policy says so, and the kernel starts the next incarnation,
-or promotes the hot standby, and replays. The RS and the workers are the kernel's own
+or promotes the hot standby, and replays. Where the RS's last policy state says the
+failure would be restarted at once, a ready hot standby is promoted without waiting for
+the ``Restart`` (a standing order: :meth:`Supervisor._take_over_at_once`). The RS and the workers are the kernel's own
 children: the kernel applies the same policy to them itself (never giving up).
 
 **Buffering while down.** Stream messages (HIGH, MEDIUM, LOW) wait in the service's
@@ -177,6 +179,9 @@ class Supervisor:
         self.table = supervision.load(kernel.home, kernel.options.heartbeat)
         self.local = supervision.RestartPolicy(self.table, escalate=False)  # the RS and the workers
         self.rs_state: dict = {"applied_seq": 0, "records": {}}
+        # service -> the RS stream seq of its last failure report: until a policy state
+        # covers it, the kernel's copy of the records is behind and it does not act on them
+        self.unreported: dict[str, int] = {}
         self.wake_at = math.inf
         self.standby_retry: dict[str, float] = {}
         self.parked: dict[str, dict] = {}  # service -> {(origin, req): (request, lane)} while it is down
@@ -329,8 +334,6 @@ class Supervisor:
         service.times = {"down_at": now, "peer": inst.peer,
                          "hang_detected_at": service.times.get("hang_detected_at") if inst.kill_reason.startswith("hung") else None}
         k.counters["service_failures"] += 1
-        if service.held and not service.failed and not k.swapping:
-            service.held = False  # a promotion cut short: the next incarnation gets the replay
         if service.kind == "worker":
             k._worker_lost(inst, service)
         if service.kind == "scheduler" and k.pick_req is not None:
@@ -349,10 +352,30 @@ class Supervisor:
                 k.route_kv_result(protocol.KvResult(req=msg.req, origin=msg.origin, ok=False,
                                                     error=self.kv_refusal(service, msg)), lane)
         elif service.kind in PLUGIN_KINDS:
-            k._event("rs", "service_down", service=service.name, peer=inst.peer, reason=reason)
+            taken = self._take_over_at_once(service, now, reason)
+            k._event("rs", "service_down", service=service.name, peer=inst.peer, reason=reason, taken=taken)
+            self.unreported[service.name] = k.services["rs"].seq
         else:
             self.local.failed(service.name, now, reason, inst.peer)
             self.tick(now)  # the first restart is immediate
+
+    def _take_over_at_once(self, service, now: float, reason: str) -> bool:
+        """A standing order: when the RS's last policy state says a failure of this
+        service now would be restarted at once, a ready hot standby takes over without
+        waiting for the RS's ``Restart`` (one round trip to a process that may itself be
+        busy). The RS still decides: it is told (``taken``) and counts the restart, and
+        until its next state covers that, the kernel asks it again."""
+        standby = service.standby
+        if (standby is None or not standby.connected or standby.spec != self._spec(service) or self.k.swapping
+                or service.name in self.unreported):
+            return False
+        policy = supervision.RestartPolicy(self.table)
+        policy.restore(self.rs_state["records"])
+        if not policy.immediate(service.name, now):
+            return False
+        self.k.counters["takeovers_at_once"] += 1
+        self.start(service, reason)
+        return True
 
     def on_restart(self, msg) -> None:
         k = self.k
@@ -386,6 +409,7 @@ class Supervisor:
                 return None
             how = "spawn"
         service.times["how"] = how
+        service.times.setdefault("restart_at", now)
         self.standby_retry[service.name] = max(self.standby_retry.get(service.name, 0.0), now + STANDBY_AFTER_TAKEOVER)
         self.record("service.restart", service=service.name, peer=inst.peer, failed=service.last_peer, how=how,
                     reason=reason[:200])
@@ -404,29 +428,30 @@ class Supervisor:
 
     def _promote(self, service, standby) -> None:
         """A hot standby takes over: it has started, verified and imported its plugin
-        already; on Promote it builds the service (opens the data set) and answers with
-        its position, then gets the replay (or, a scheduler, the kernel's truth)."""
+        already; on Promote it builds the service (opens the data set). Its state follows
+        at once, without waiting for its answer: the whole replay log (it skips what it
+        had applied: the seq says) or, a scheduler, the kernel's truth. Its answer gives
+        its position; if it failed, it is killed and the log, never trimmed by it, goes
+        to the next incarnation."""
         k = self.k
         service.active = standby
         service.started = time.monotonic()
         standby.promoting = time.monotonic()
-        service.held = True  # stream messages wait until the position is known, then go in order
         k.counters["standby_takeovers"] += 1
         fut = k.request(standby, protocol.Promote(req=0), Lane.HIGH)
         fut.add_done_callback(lambda f: self._promoted(service, standby, f))
+        k._resume(service, standby)
 
     def _promoted(self, service, standby, fut) -> None:
         standby.promoting = 0.0
         if service.active is not standby:
             return
         done = None if fut.exception() is not None else fut.result()
-        service.held = False
         if done is None or not getattr(done, "ok", False):
             self.kill(standby, f"promotion failed: {fut.exception() or done.error}")
             return
-        standby.applied = max(standby.applied, done.applied_seq)
+        self.k._ack(standby, done.applied_seq)
         self.mark(standby)
-        self.k._resume(service, standby)
 
     def _maintain_standbys(self, now: float) -> None:
         k = self.k
@@ -477,6 +502,7 @@ class Supervisor:
             self.k.counters["unauthorized"] += 1
             return
         self.rs_state = {"applied_seq": msg.applied_seq, "records": msg.records}
+        self.unreported = {name: seq for name, seq in self.unreported.items() if seq > msg.applied_seq}
         self.k._ack(inst, msg.applied_seq)
 
     def _reset_policy(self, service) -> None:
@@ -633,7 +659,7 @@ class Supervisor:
         incarnation if the one it went to dies before it answers."""
         key = (msg.origin, msg.req)
         inst = service.active
-        if inst is not None and inst.connected and not inst.promoting:
+        if inst is not None and inst.connected:
             self.inflight.setdefault(service.name, {})[key] = (msg, lane, inst.peer)
             self.k._send(inst, msg, lane)
             return
@@ -680,6 +706,7 @@ class Supervisor:
         times = service.times
         if "down_at" not in times or "serving_at" in times:
             return
+        times["state_at"] = time.monotonic()
         fut = self.k.request(inst, protocol.Ping(req=0), Lane.HIGH)
 
         def served(f):
@@ -721,6 +748,7 @@ class Supervisor:
         if "down_at" in times:
             recovery = {"down_at": times["down_at"], "serving_at": times.get("serving_at"),
                         "hang_detected_at": times.get("hang_detected_at"), "how": times.get("how"),
+                        "restart_at": times.get("restart_at"), "state_at": times.get("state_at"),
                         "peer": times.get("peer"), "serving_peer": times.get("serving_peer"),
                         "ms": round((times["serving_at"] - times["down_at"]) * 1000, 1) if times.get("serving_at") else None}
         return {

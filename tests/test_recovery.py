@@ -93,6 +93,28 @@ def test_the_policy_state_survives_its_process():
     assert q.due(10.6) == [("a", "crash", "a-2")]
 
 
+def test_immediate_says_what_a_failure_now_would_get():
+    # The kernel's standing order (a hot standby takes over before the RS answers) rests
+    # on this: immediate(now) is true exactly when failed(now) schedules a restart now.
+    p = policy(intensity=3, period=10.0, stable=4.0)
+    now, checked = 100.0, 0
+    for step in [0.0, 0.5, 0.5, 5.0, 0.2, 0.2, 11.0, 1.0, 4.5, 0.1, 0.1, 0.1, 30.0]:
+        now += step
+        q = policy(intensity=3, period=10.0, stable=4.0)
+        q.restore(p.snapshot())  # the kernel holds the RS's snapshot, not its objects
+        at_once = q.immediate("svc", now)
+        verdict = p.failed("svc", now, "crash")
+        assert at_once == (verdict == "restart" and p.services["svc"].due == now), (now, verdict)
+        checked += at_once
+        if verdict == "restart":
+            p.due(p.services["svc"].due)  # carried out
+        elif verdict == "give-up":
+            p.reset("svc")
+    assert 0 < checked < 13  # both answers were exercised
+    assert policy(intensity=0).immediate("new", 0.0) is False  # a first failure is a give-up
+    assert policy().immediate("new", 0.0) is True
+
+
 def test_settings_from_the_file_and_the_environment(tmp_path):
     assert supervision.load(tmp_path).defaults == supervision.Settings()
     supervision.write(tmp_path, defaults={"heartbeat_ms": 50, "intensity": 3},
@@ -376,7 +398,9 @@ def test_giving_up_enters_each_kinds_safe_mode_and_restart_leaves_it(supervised)
 
 
 def test_a_hot_standby_takes_over_without_a_process_start(supervised):
-    k = supervised(services={name: {"standby": True} for name in ("scheduler", "storage", "monitor", "rs")})
+    # stable_s: a second failure of a service within the test is not stable, so it gets
+    # a backoff (the RS decides it) rather than an immediate restart.
+    k = supervised(services={name: {"standby": True, "stable_s": 600} for name in ("scheduler", "storage", "monitor", "rs")})
     c = Client(k)
     written = [c.put(f"k{i}", b"v%d" % i) for i in range(50)]
     assert all(r.ok for r in c.wait(written).values())
@@ -390,6 +414,11 @@ def test_a_hot_standby_takes_over_without_a_process_start(supervised):
         # ... and a new spare is started for the next time.
         k.wait_for(lambda st: (svc(st, name)["standby"] or {}).get("pid") not in (None, standby),
                    what=f"a new standby for {name}")
+    # A first failure is restarted at once by the policy: the standby took over on the
+    # RS's standing order, without waiting for its Restart; the RS counted it.
+    st = k.wait_for(lambda st: all(svc(st, n)["policy"]["restarts_in_period"] == 1 for n in ("storage", "scheduler", "monitor")),
+                    what="the RS's count of the takeovers")
+    assert st["counters"]["takeovers_at_once"] == 3  # the RS itself is the kernel's to restart
     # The storage that took over opened the data set the failed one left: nothing lost.
     answers = c.wait([c.get(f"k{i}") for i in range(50)] + [c.put("after", b"ok")])
     assert [a.value for a in list(answers.values())[:50]] == [b"v%d" % i for i in range(50)]
@@ -399,6 +428,8 @@ def test_a_hot_standby_takes_over_without_a_process_start(supervised):
     os.kill(svc(st, "storage")["pid"], signal.SIGSTOP)
     assert back(k, "storage", svc(st, "storage")["pid"])["pid"] == svc(st, "storage")["standby"]["pid"]
     assert c.wait([c.put("after-hang", b"ok")])[c.req].ok
+    # A second failure within `stable`: a backoff, the RS's Restart awaited.
+    assert k.status()["counters"]["takeovers_at_once"] == 3
     st = completes(k)
     assert st["tasks"]["released"] == st["tasks"]["completed"] + st["tasks"]["ready"]
     c.close()

@@ -7,7 +7,10 @@ owns the *policy* (:mod:`kernel.supervision`): when to restart, when to give up.
 kernel owns the *mechanism*: it keeps the service's endpoint, buffers its messages while
 it is down, starts the next incarnation (or promotes the hot standby) on ``Restart`` and
 replays the buffer; on ``GiveUp`` it rolls a crash-looping change back, or enters the
-kind's safe mode.
+kind's safe mode. One standing order saves a round trip where it counts: when the last
+policy state the RS sent says a failure would be restarted at once, a ready hot standby
+takes over without waiting for ``Restart``, and the event says so (``taken``): the RS
+counts that restart as its own.
 
 The RS survives its own death: after every change it sends the kernel its whole policy
 state (``PolicyState``, with the stream position it covers), and it acknowledges its
@@ -69,7 +72,11 @@ class Server:
             service = str(msg.data.get("service", ""))
             reason = str(msg.data.get("reason", ""))
             verdict = self.policy.failed(service, now, reason, str(msg.data.get("peer", "")))
-            if verdict == "give-up":
+            if verdict == "restart" and msg.data.get("taken"):
+                # The kernel's hot standby took over at once, on this policy's standing
+                # order (RestartPolicy.immediate on the last state sent): count it.
+                self.policy.done_elsewhere(service, now)
+            elif verdict == "give-up":
                 s = self.policy.settings(service)
                 self.out.append((protocol.GiveUp(service=service, reason=f"more than {s.intensity} restarts in "
                                                                        f"{s.period:g} s"), Lane.HIGH))
