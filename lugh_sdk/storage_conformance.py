@@ -248,6 +248,21 @@ def check_export_import_round_trip(open_store: Opener, tmp: Path, other: Opener 
     dst.storage_close()
 
 
+def check_storage_check_passes_a_sound_data_set(open_store: Opener, tmp: Path) -> None:
+    """``storage_check`` (API 1.2) passes a sound data set and one that does not exist
+    yet, from a process that has another data set open, and leaves the data set as it was."""
+    hook = open_store(tmp / "a")
+    commit(hook, {"k": b"v"})
+    hook.storage_close()
+    other = open_store(tmp / "b")
+    other.storage_check(path=str(tmp / "a"))
+    other.storage_check(path=str(tmp / "nothing-yet"))
+    other.storage_close()
+    again = open_store(tmp / "a")
+    assert again.storage_get(key="k") == b"v", "the data set changed across storage_check"
+    again.storage_close()
+
+
 CHECKS = [
     check_transactions_and_sequence_numbers,
     check_bad_writes_are_refused,
@@ -258,4 +273,5 @@ CHECKS = [
     check_compaction,
     check_close_and_reopen_keep_everything,
     check_export_import_round_trip,
+    check_storage_check_passes_a_sound_data_set,
 ]

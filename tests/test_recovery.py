@@ -404,6 +404,7 @@ def test_a_hot_standby_takes_over_without_a_process_start(supervised):
     c = Client(k)
     written = [c.put(f"k{i}", b"v%d" % i) for i in range(50)]
     assert all(r.ok for r in c.wait(written).values())
+    assert k.request(protocol.KvStatsReq())["checked_ahead"] is False  # the first storage checked at its open
     for name in ("storage", "scheduler", "monitor", "rs"):
         st = k.wait_for(lambda st: (svc(st, name)["standby"] or {}).get("state") == "ready", what=f"{name}'s standby")
         active, standby = svc(st, name)["pid"], svc(st, name)["standby"]["pid"]
@@ -419,7 +420,9 @@ def test_a_hot_standby_takes_over_without_a_process_start(supervised):
     st = k.wait_for(lambda st: all(svc(st, n)["policy"]["restarts_in_period"] == 1 for n in ("storage", "scheduler", "monitor")),
                     what="the RS's count of the takeovers")
     assert st["counters"]["takeovers_at_once"] == 3  # the RS itself is the kernel's to restart
-    # The storage that took over opened the data set the failed one left: nothing lost.
+    # The storage that took over opened the data set the failed one left: nothing lost;
+    # it had checked the data set while it waited (storage_check), not at its promotion.
+    assert k.request(protocol.KvStatsReq())["checked_ahead"] is True
     answers = c.wait([c.get(f"k{i}") for i in range(50)] + [c.put("after", b"ok")])
     assert [a.value for a in list(answers.values())[:50]] == [b"v%d" % i for i in range(50)]
     assert list(answers.values())[-1].ok

@@ -119,17 +119,27 @@ def main(argv: list[str] | None = None) -> int:
     stream = loop.Stream()
     module = importlib.import_module(f"kernel.services.{args.kind}")
     link = promote = None
+    ahead: dict = {}  # what a standby prepared while it waited, for its Server
     if args.standby:
         # A hot standby: started, verified and imported; the service itself (its data
         # set opened, its position read) is built only when it takes over, so that it
         # starts from what the failed incarnation left.
         link = loop.connect_from_env(args.peer, plugin=manifest.name, plugin_version=manifest.version)
+        prepare = getattr(module, "prepare_standby", None)  # what a kind can do ahead, while it waits
+        if prepare is not None:
+            try:
+                with loop.BusyBeat(link, stream, period=args.heartbeat)():
+                    ahead = prepare(pm.hook, args)
+            except Exception as exc:
+                loop.report_error(f"{manifest.name}: the standby's preparation failed", exc)
+                link.close()
+                return EXIT_PLUGIN_REFUSED
         promote = loop.await_promotion(link, args.heartbeat)
         if promote is None:
             link.close()
             return 0
     try:
-        server = module.Server(pm.hook, stream, args)
+        server = module.Server(pm.hook, stream, args, **ahead)
     except Exception as exc:
         loop.report_error(f"{manifest.name} failed to start", exc)
         if promote is not None:

@@ -22,6 +22,10 @@ requests with a clear error.
 - handover: ``storage_export``, ``storage_import`` (live swap; the neutral snapshot
   format of :mod:`lugh_sdk.api.storage_base`).
 
+**API 1.2** adds ``storage_check``: the integrity check of ``storage_open``, on its own,
+which a hot standby runs while it waits so that the open at its promotion need not (on
+a large data set the check is most of an open).
+
 :class:`lugh_sdk.api.storage_base.StagedTransactions` implements the transaction hooks for
 a backend that supplies only ``apply_group``. docs/storage.md has the guarantees.
 """
@@ -37,6 +41,7 @@ OPTIONAL_HOOKS = (
     "storage_begin", "storage_put", "storage_delete", "storage_abort", "storage_commit_group",
     "storage_scan", "storage_history", "storage_versions", "storage_as_of", "storage_compact",
     "storage_export", "storage_import",
+    "storage_check",  # 1.2
 )
 
 # --- API 1.0 -------------------------------------------------------------------------
@@ -163,3 +168,17 @@ def storage_import(path: str) -> dict:
     """Replace this backend's data set with the snapshot at ``path`` (validate it first:
     :func:`lugh_sdk.api.storage_base.read_snapshot` does), durably, keeping its sequence
     numbers and history. Return ``{"last_seq": ..., "keys": ...}``."""
+
+
+# --- API 1.2 -------------------------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def storage_check(path: str) -> None:
+    """Check the data set in directory ``path`` as ``storage_open`` would, without opening
+    it for this process's use (another process may be serving it: a hot standby checks
+    while the active incarnation writes). Raise :class:`StorageError` if it is corrupt;
+    a data set that does not exist yet passes. After a check of ``path`` that passed, in
+    the same process, ``storage_open(path)`` may skip its own check: what was written
+    since went through the backend itself."""
+

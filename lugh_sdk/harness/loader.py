@@ -45,6 +45,7 @@ _STORAGE_GROUPS = {
     "versions": ("storage_history", "storage_versions", "storage_as_of"),
     "compact": ("storage_compact",),
     "handover": ("storage_export", "storage_import"),
+    "check": ("storage_check",),  # API 1.2
 }
 
 

@@ -44,6 +44,7 @@ _CHECK_GROUPS = {
     "check_rollback_restores_the_state_as_of_a_commit": ("transactions", "scan", "versions"),
     "check_compaction": ("transactions", "scan", "versions", "compact"),
     "check_close_and_reopen_keep_everything": ("transactions", "versions"),
+    "check_storage_check_passes_a_sound_data_set": ("transactions", "check"),
 }
 
 

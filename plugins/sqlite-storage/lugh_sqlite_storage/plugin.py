@@ -48,6 +48,7 @@ class SqliteStorage(StagedTransactions):
         super().__init__()
         self._db: sqlite3.Connection | None = None
         self._file: Path | None = None
+        self._checked: Path | None = None  # the data set storage_check found sound
         self._commits = 0
         self._groups = 0
 
@@ -57,6 +58,30 @@ class SqliteStorage(StagedTransactions):
         return self._db
 
     @hookimpl
+    def storage_check(self, path: str) -> None:
+        file = Path(path) / DB_NAME
+        if not file.exists():
+            return
+        # Read-only: the active incarnation may be writing (WAL readers do not block it).
+        db = sqlite3.connect(f"{file.as_uri()}?mode=ro", uri=True, isolation_level=None)
+        try:
+            self._quick_check(db)
+        except sqlite3.OperationalError:
+            raise
+        except sqlite3.DatabaseError as exc:
+            raise StorageError(f"storage {file} is corrupt ({exc}); refusing to serve it: "
+                               f"restore it from a backup") from exc
+        finally:
+            db.close()
+        self._checked = file.resolve()
+
+    @staticmethod
+    def _quick_check(db: sqlite3.Connection) -> None:
+        problems = [row[0] for row in db.execute("PRAGMA quick_check")]
+        if problems != ["ok"]:
+            raise sqlite3.DatabaseError("; ".join(problems[:5]))
+
+    @hookimpl
     def storage_open(self, path: str) -> bool:
         Path(path).mkdir(parents=True, exist_ok=True)
         file = Path(path) / DB_NAME
@@ -64,9 +89,8 @@ class SqliteStorage(StagedTransactions):
         # since a commit needs BEGIN IMMEDIATE to take the write lock up front.
         db = sqlite3.connect(file, isolation_level=None)
         try:
-            problems = [row[0] for row in db.execute("PRAGMA quick_check")]
-            if problems != ["ok"]:
-                raise sqlite3.DatabaseError("; ".join(problems[:5]))
+            if self._checked != file.resolve():  # else storage_check found it sound already
+                self._quick_check(db)
             if db.execute("PRAGMA journal_mode=WAL").fetchone()[0] != "wal":
                 raise sqlite3.OperationalError("cannot use write-ahead logging here")
             db.execute("PRAGMA synchronous=FULL")

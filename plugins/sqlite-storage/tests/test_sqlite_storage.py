@@ -80,3 +80,35 @@ def test_a_newer_schema_is_refused(tmp_path):
 def test_use_before_open_is_a_clear_error():
     with pytest.raises(StorageError, match="not open"):
         SqliteStorage().storage_get("a")
+
+
+def test_storage_check_vouches_for_the_data_set_a_later_open_serves(tmp_path, monkeypatch):
+    checks = []
+    real = SqliteStorage._quick_check
+    monkeypatch.setattr(SqliteStorage, "_quick_check", staticmethod(lambda db: checks.append(1) or real(db)))
+    SqliteStorage().storage_check(str(tmp_path))  # nothing there yet: it passes
+    assert checks == []
+    active = open_store(tmp_path)  # the active incarnation, writing while the standby checks
+    commit(active, {"a": b"1"})
+    assert checks == [1]
+    standby = SqliteStorage()
+    standby.storage_check(str(tmp_path))
+    commit(active, {"b": b"2"})
+    active.storage_close()
+    assert checks == [1, 1]
+    standby.storage_open(str(tmp_path))  # checked already: not again
+    assert checks == [1, 1] and standby.storage_get("b") == b"2"
+    standby.storage_close()
+    other = SqliteStorage()
+    other.storage_open(str(tmp_path / "."))  # no check of its own before: it checks
+    assert checks == [1, 1, 1]
+    other.storage_close()
+
+
+def test_storage_check_refuses_a_corrupt_data_set(tmp_path):
+    fill(tmp_path)
+    with open(tmp_path / DB_NAME, "r+b") as f:
+        f.seek(4096 * 2)
+        f.write(b"\xde\xad\xbe\xef" * 4096)
+    with pytest.raises(StorageError, match="corrupt.*refusing to serve it"):
+        SqliteStorage().storage_check(str(tmp_path))
