@@ -630,13 +630,13 @@ class Kernel:
         if self.running == msg.job_id:
             self.running = None
         if record is not None:
-            if now > record.job.deadline:
-                self._event("monitor", "deadline_miss", job=record.job.id, task=record.job.task,
-                            late_ms=round((now - record.job.deadline) * 1000, 3))
             self._stream("scheduler", protocol.JobCompleted(seq=0, job=record.job))
         if self.table.ready:
             self._mark_waiting(now)
         self._want_decision()
+        if record is not None and now > record.job.deadline:  # after the next question: the monitor can wait
+            self._event("monitor", "deadline_miss", job=record.job.id, task=record.job.task,
+                        late_ms=round((now - record.job.deadline) * 1000, 3))
 
     def _on_kv(self, inst, msg, lane):
         if isinstance(msg, protocol.KvAdmin):

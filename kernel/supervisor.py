@@ -339,8 +339,6 @@ class Supervisor:
         if service.kind == "scheduler" and k.pick_req is not None:
             k.pick_req = None
             k._fallback_decide()
-        if service.name != "monitor":
-            self._tell_monitor("service_down", service=service.name, peer=inst.peer, reason=reason[:200])
         if getattr(service, "swap_fallback", None) is not None:
             pass  # a live swap's new instance died in its health window: the swap rolls back to the old
         elif inst.retiring:
@@ -358,6 +356,8 @@ class Supervisor:
         else:
             self.local.failed(service.name, now, reason, inst.peer)
             self.tick(now)  # the first restart is immediate
+        if service.name != "monitor":  # after the recovery began: the monitor can wait
+            self._tell_monitor("service_down", service=service.name, peer=inst.peer, reason=reason[:200])
 
     def _take_over_at_once(self, service, now: float, reason: str) -> bool:
         """A standing order: when the RS's last policy state says a failure of this
