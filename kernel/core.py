@@ -50,6 +50,7 @@ import msgspec
 import pynng
 
 from kernel import KERNEL_VERSION, ipc, plugin_store, processes, protocol, supervisor
+from kernel.background import Background
 from kernel.journal import Journal, unfinished, write_atomically
 from kernel.memory import RegionTable
 from kernel.protocol import Lane
@@ -162,7 +163,7 @@ class Kernel:
         self.regions = RegionTable(f"lugh{os.getpid()}")
         self.sel = selectors.DefaultSelector()
         self.inbox = ipc.Inbox(run_dir)
-        self.closer = ipc.Closer()  # a departed peer's sockets, closed off the loop thread
+        self.closer = Background("socket-closer")  # a departed peer's sockets, closed off the loop thread
         for lane, fd in self.inbox.fds().items():
             self.sel.register(fd, selectors.EVENT_READ, ("lane", lane))
         self._wake_r, self._wake_w = os.pipe()
@@ -974,7 +975,7 @@ class Kernel:
 
     def _gone(self, inst: Instance, reason: str) -> None:
         service = inst.service
-        self._forget(inst, release=False)
+        self._forget(inst)
         if not inst.ready_future.done():
             inst.ready_future.set_exception(RuntimeError(f"{inst.peer} exited before it was ready ({reason})"))
         for req, (fut, owner) in list(self.requests.items()):
@@ -983,7 +984,6 @@ class Kernel:
                 fut.set_exception(RuntimeError(f"{inst.peer} exited ({reason})"))
         if not self.stopping:
             self.sup.gone(inst, reason)  # reported once; restarted by the RS (the RS and workers: here)
-        self._release(inst)  # after the recovery has begun: closing its sockets takes milliseconds
 
     def _worker_lost(self, inst: Instance, service: Service) -> None:
         if inst.job is not None:
@@ -995,24 +995,20 @@ class Kernel:
                 self.running = None
                 self._mark_waiting(time.monotonic())
 
-    def _forget(self, inst: Instance, release: bool = True) -> None:
+    def _forget(self, inst: Instance) -> None:
         self.instances.pop(inst.peer, None)
         for pipe in [p for p, i in self.pipes.items() if i is inst]:
             self.departed[pipe] = self.pipes.pop(pipe)
         while len(self.departed) > 1024:
             self.departed.popitem(last=False)
-        self.regions.reclaim(inst.peer)  # before a next incarnation asks for its memory
-        if release:
-            self._release(inst)
+        self.regions.reclaim(inst.peer)
+        self.closer.run(self._close_peer, inst.outbox, inst.peer)
 
-    def _release(self, inst: Instance) -> None:
-        peer = inst.peer
-
-        def remove_files():
-            for path in self.run_dir.glob(f"{peer}.?"):
-                path.unlink(missing_ok=True)
-
-        self.closer.close(inst.outbox, then=remove_files)
+    def _close_peer(self, outbox: ipc.Outbox, peer: str) -> None:
+        """On the closer's thread: the loop does not wait for ``nng_close``."""
+        outbox.close()
+        for path in self.run_dir.glob(f"{peer}.?"):
+            path.unlink(missing_ok=True)
 
     def _watchdogs(self, now: float) -> None:
         if self.pick_req is not None and now - self.pick_sent > PICK_TIMEOUT:

@@ -24,10 +24,7 @@ Every socket has a maximum message size and timeouts; decoding is schema-checked
 from __future__ import annotations
 
 import os
-import queue
 import select
-import sys
-import threading
 import time
 from collections import deque
 from pathlib import Path
@@ -273,36 +270,3 @@ class Outbox:
         for sock in self.socks.values():
             sock.close()
 
-
-class Closer:
-    """Closes sockets off the loop thread: ``nng_close`` waits for the socket's pipes and
-    aio to wind down, 0.3-2 ms for a peer's three sockets, which the kernel loop should
-    not spend in the middle of a recovery. Its owner calls ``stop``: what is still queued
-    is closed, then the thread is joined."""
-
-    def __init__(self):
-        self._queue: queue.SimpleQueue = queue.SimpleQueue()
-        self._thread: threading.Thread | None = None
-
-    def close(self, closable, then=None) -> None:
-        """``closable.close()``, then ``then()`` (e.g. remove its files), in order."""
-        if self._thread is None:
-            self._thread = threading.Thread(target=self._run, name="socket-closer", daemon=True)
-            self._thread.start()
-        self._queue.put((closable, then))
-
-    def _run(self) -> None:
-        while (item := self._queue.get()) is not None:
-            closable, then = item
-            try:
-                closable.close()
-                if then is not None:
-                    then()
-            except Exception as exc:  # a socket already closed, a file already gone
-                print(f"kernel: closing {closable!r}: {exc}", file=sys.stderr)
-
-    def stop(self) -> None:
-        if self._thread is not None:
-            self._queue.put(None)
-            self._thread.join(10.0)
-            self._thread = None

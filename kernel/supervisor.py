@@ -63,7 +63,6 @@ from __future__ import annotations
 
 import math
 import os
-import queue
 import signal
 import sys
 import threading
@@ -71,6 +70,7 @@ import time
 import uuid
 
 from kernel import plugin_store, processes, protocol, supervision
+from kernel.background import Background
 from kernel.protocol import Lane
 
 PLUGIN_KINDS = ("scheduler", "storage", "monitor")
@@ -187,8 +187,7 @@ class Supervisor:
         self.parked: dict[str, dict] = {}  # service -> {(origin, req): (request, lane)} while it is down
         self.inflight: dict[str, dict] = {}  # service -> {(origin, req): (request, lane, peer)} sent, unanswered
         self._kernel_schedstat: str | None = None
-        self._journal_q: queue.SimpleQueue = queue.SimpleQueue()
-        self._writer: threading.Thread | None = None
+        self._journal = Background("supervision-journal")
 
     # ------------------------------------------------------------------ settings
 
@@ -369,13 +368,17 @@ class Supervisor:
         if (standby is None or not standby.connected or standby.spec != self._spec(service) or self.k.swapping
                 or service.name in self.unreported):
             return False
-        policy = supervision.RestartPolicy(self.table)
-        policy.restore(self.rs_state["records"])
-        if not policy.immediate(service.name, now):
+        if not self._rs_policy().immediate(service.name, now):
             return False
         self.k.counters["takeovers_at_once"] += 1
         self.start(service, reason)
         return True
+
+    def _rs_policy(self) -> supervision.RestartPolicy:
+        """The RS's policy as of the last state it sent (the kernel's copy)."""
+        policy = supervision.RestartPolicy(self.table)
+        policy.restore(self.rs_state["records"])
+        return policy
 
     def on_restart(self, msg) -> None:
         k = self.k
@@ -736,11 +739,7 @@ class Supervisor:
         standby = service.standby
         s = self.settings(service)
         if service.kind in PLUGIN_KINDS:
-            view = supervision.RestartPolicy(self.table)
-            rec = self.rs_state["records"].get(service.name)
-            if rec is not None:
-                view.services[service.name] = supervision.Record.from_wire(rec)
-            policy = view.describe(service.name, now)
+            policy = self._rs_policy().describe(service.name, now)
         else:
             policy = self.local.describe(service.name, now)
         times = service.times
@@ -773,19 +772,7 @@ class Supervisor:
         """Journal a record of what happened (a restart, a safe mode) without making the
         loop wait for the disk. Operations that must be durable *before* they take
         effect (a crash-loop rollback) append from their own thread instead."""
-        if self._writer is None:
-            self._writer = threading.Thread(target=self._write, name="supervision-journal", daemon=True)
-            self._writer.start()
-        self._journal_q.put((op, data))
-
-    def _write(self) -> None:
-        while (item := self._journal_q.get()) is not None:
-            try:
-                self.k.journal.append(item[0], **item[1])
-            except Exception as exc:
-                print(f"kernel: journal: {exc!r}", file=sys.stderr)
+        self._journal.run(lambda: self.k.journal.append(op, **data))
 
     def close(self) -> None:
-        if self._writer is not None:
-            self._journal_q.put(None)
-            self._writer.join(5)
+        self._journal.stop(5.0)

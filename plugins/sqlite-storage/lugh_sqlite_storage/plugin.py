@@ -69,11 +69,14 @@ class SqliteStorage(StagedTransactions):
         except sqlite3.OperationalError:
             raise
         except sqlite3.DatabaseError as exc:
-            raise StorageError(f"storage {file} is corrupt ({exc}); refusing to serve it: "
-                               f"restore it from a backup") from exc
+            raise self._corrupt(file, exc) from exc
         finally:
             db.close()
         self._checked = file.resolve()
+
+    @staticmethod
+    def _corrupt(file: Path, exc: Exception) -> StorageError:
+        return StorageError(f"storage {file} is corrupt ({exc}); refusing to serve it: restore it from a backup")
 
     @staticmethod
     def _quick_check(db: sqlite3.Connection) -> None:
@@ -110,8 +113,7 @@ class SqliteStorage(StagedTransactions):
             raise
         except sqlite3.DatabaseError as exc:
             db.close()
-            raise StorageError(f"storage {file} is corrupt ({exc}); refusing to serve it: "
-                               f"restore it from a backup") from exc
+            raise self._corrupt(file, exc) from exc
         self.storage_close()
         self._db, self._file, self._commits, self._groups = db, file, 0, 0
         return True
