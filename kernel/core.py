@@ -32,7 +32,9 @@ gives the queued decisions back. With 1 (the default) every start is asked for.
 from __future__ import annotations
 
 import collections
+import itertools
 import json
+import math
 import os
 import platform
 import queue
@@ -59,6 +61,7 @@ from kernel.timer import ReleaseTimer
 from lugh_sdk.api.types import SchedulerState, Task
 
 LANE_CAP = 20_000
+HIGH_FLUSH_EVERY = 32  # HIGH messages handled between two flushes in one long drain
 # MEDIUM and LOW may take at most BULK_SHARE of the loop's time in each BULK_WINDOW; past
 # that the loop leaves them in NNG (their senders' non-blocking sends are refused:
 # backpressure) and sleeps to the window's end unless HIGH traffic or a timer wakes it.
@@ -69,6 +72,7 @@ BULK_WINDOW = 0.005
 PICK_TIMEOUT = 0.02
 EJECT_AFTER = float(os.environ.get("LUGH_EJECT_AFTER", "0.5"))  # a QEMU/TCG target sets more (lugh_sdk/qemu.py)
 WORKERS = 3
+WATCH_PERIOD = 0.005  # seconds between two looks at every process, unless one is due sooner
 JOB_KILL_FLOOR = 2.0  # a job running longer than max(this, 20 x budget) has its worker killed
 PLUGIN_KINDS = ("scheduler", "storage", "monitor")
 SPARE_AFTER_BOOT = 1.0  # the first spare host waits until the boot's own imports are done
@@ -105,7 +109,8 @@ class Instance:
     stopped: bool = False   # workers: SIGSTOPped (preempted)
     ready_future: Future = field(default_factory=Future)
     # supervision (kernel/supervisor.py)
-    marks: tuple = (0.0, 0.0)  # CPU-wait clocks (kernel, peer) at its last sign of life
+    marks: tuple = (0.0, 0.0)  # CPU-wait clocks (kernel, peer) at its last sign of life (Supervisor.mark)
+    marked_at: float = -math.inf  # when they were read
     kill_reason: str = ""  # why the kernel killed it (hang, ejection...): its exit reports this
     retiring: float = 0.0  # an operator restart began then: its exit is not a failure
     promoting: float = 0.0  # a hot standby taking over since then
@@ -182,6 +187,8 @@ class Kernel:
         # crash is still an answer (the data is committed). Only KvResults count.
         self.departed: collections.OrderedDict[int, Instance] = collections.OrderedDict()
         self.instances: dict[str, Instance] = {}
+        self.watch_at = 0.0  # the next look at every process (_watchdogs)
+        self.unflushed: set[ipc.Outbox] = set()  # outboxes holding messages not yet handed to NNG (_flush)
         self.services: dict[str, Service] = {}
         self.clients: dict[str, Service] = {}
         self._clients = 0
@@ -284,7 +291,7 @@ class Kernel:
         service.incarnations += 1
         peer = f"{service.name}-{service.incarnations}"
         plugin = plugin or service.plugin
-        outbox = ipc.Outbox(self.run_dir, peer, cap=LANE_CAP)
+        outbox = self._outbox(peer)
         token = secrets.token_hex(16)
         args = ["--peer", peer, *self.sup.spawn_args(service, standby)]
         if service.kind in PLUGIN_KINDS:
@@ -316,6 +323,9 @@ class Kernel:
             service.started = time.monotonic()
         return inst
 
+    def _outbox(self, peer: str) -> ipc.Outbox:
+        return ipc.Outbox(self.run_dir, peer, cap=LANE_CAP, dirty=self.unflushed)
+
     def _child_env(self) -> dict[str, str]:
         """The environment of every child, less its own token."""
         return dict(os.environ, LUGH_RUN_DIR=str(self.run_dir), LUGH_PARENT_PID=str(os.getpid()),
@@ -325,7 +335,7 @@ class Kernel:
         self._clients += 1
         service = Service(name=f"c{self._clients}{name}"[:24], kind="client")
         peer = service.name
-        inst = Instance(peer=peer, service=service, child=None, outbox=ipc.Outbox(self.run_dir, peer, cap=LANE_CAP),
+        inst = Instance(peer=peer, service=service, child=None, outbox=self._outbox(peer),
                         token=secrets.token_hex(16), last_beat=time.monotonic())
         service.active = inst
         self.clients[peer] = service
@@ -412,6 +422,7 @@ class Kernel:
     def _pump(self) -> None:
         self._release_due()
         self._drain_high()
+        self._flush()
         now = time.monotonic()
         if now >= self.bulk_window_end:
             self.bulk_window_end, self.bulk_used = now + BULK_WINDOW, 0.0
@@ -428,6 +439,7 @@ class Kernel:
             self._handle(lane, *self.queues[lane].popleft())
             self._drain_high()
             self._release_due()
+            self._flush()
             self.bulk_used += time.monotonic() - now
             now = time.monotonic()
         while not self._calls.empty():
@@ -439,9 +451,15 @@ class Kernel:
             else:
                 fut.set_result(result)
         self._watchdogs(time.monotonic())
-        for inst in self.instances.values():
-            if inst.outbox.backlog():
-                inst.outbox.flush()
+        self._flush()
+
+    def _flush(self) -> None:
+        """Hand what the last steps queued to NNG, one batch per peer and lane. An
+        outbox that cannot send it all (its peer's socket full, or held by a swap)
+        stays in the set and is tried again at every flush."""
+        for outbox in list(self.unflushed):
+            if outbox.flush():
+                self.unflushed.discard(outbox)
 
     def _pause_bulk(self, paused: bool) -> None:
         if paused != self.bulk_paused:
@@ -455,8 +473,13 @@ class Kernel:
                         self.sel.register(fd, selectors.EVENT_READ, ("lane", lane))
 
     def _drain_high(self) -> None:
-        while (msg := self.inbox.recv(Lane.HIGH)) is not None:
+        for n in itertools.count(1):
+            msg = self.inbox.recv(Lane.HIGH)
+            if msg is None:
+                return
             self._handle(Lane.HIGH, msg.bytes, msg.pipe.id)
+            if n % HIGH_FLUSH_EVERY == 0:  # a long burst: the first answers do not wait for the last
+                self._flush()
 
     def _fill(self, lane: Lane) -> None:
         q = self.queues[lane]
@@ -472,27 +495,26 @@ class Kernel:
 
     def _refuse_dropped(self, data: bytes, pipe: int) -> None:
         inst = self.pipes.get(pipe)
-        try:
-            msg = protocol.decode(data)
-        except msgspec.MsgspecError:
-            return
-        if inst and isinstance(msg, protocol.KV_REQUESTS):
-            self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="dropped: kernel lane queue full"), Lane.LOW)
+        for msg in protocol.unpack(data)[0] if inst else ():
+            if isinstance(msg, protocol.KV_REQUESTS):
+                self._send(inst, protocol.KvResult(req=msg.req, ok=False, error="dropped: kernel lane queue full"),
+                           Lane.LOW)
 
     # ---------------------------------------------------------------- messages
 
     def _handle(self, lane: Lane, data: bytes, pipe: int) -> None:
-        oversized = len(data) > protocol.MAX_MESSAGE_BYTES  # refused even if it would decode
-        msg = None
-        if not oversized:
-            try:
-                msg = protocol.decode(data)
-            except msgspec.MsgspecError:
-                pass
-        if msg is None:
-            self.counters["bad_messages"] += 1
-            self.counters["bad_" + ("oversized" if oversized else "schema")] += 1
-            return
+        """One NNG message from a peer: its messages in order (a batch carries several)."""
+        if len(data) > protocol.MAX_MESSAGE_BYTES:  # refused even if it would decode
+            msgs, bad, kind = [], 1, "bad_oversized"
+        else:
+            (msgs, bad), kind = protocol.unpack(data), "bad_schema"
+        if bad:
+            self.counters["bad_messages"] += bad
+            self.counters[kind] += bad
+        for msg in msgs:
+            self._handle_one(lane, msg, pipe)
+
+    def _handle_one(self, lane: Lane, msg, pipe: int) -> None:
         inst = self.pipes.get(pipe)
         if isinstance(msg, protocol.Hello):
             self._on_hello(msg, pipe, lane)
@@ -900,6 +922,7 @@ class Kernel:
             record.worker, record.started, inst.job, inst.paused = inst.peer, now, job_id, 0.0
             self._send(inst, protocol.RunJob(job=record.job, action=self.table.tasks[record.job.task].task.action
                                              if record.job.task in self.table.tasks else "noop"), Lane.HIGH)
+            inst.outbox.flush()  # at once, not batched behind the pass's other sends: the worker waits for it
         self.running = job_id
         self.counters["dispatched"] += 1
         if self.last_dispatch is not None:
@@ -1002,6 +1025,7 @@ class Kernel:
         while len(self.departed) > 1024:
             self.departed.popitem(last=False)
         self.regions.reclaim(inst.peer)
+        self.unflushed.discard(inst.outbox)
         self.closer.run(self._close_peer, inst.outbox, inst.peer)
 
     def _close_peer(self, outbox: ipc.Outbox, peer: str) -> None:
@@ -1032,6 +1056,12 @@ class Kernel:
                 saved, self.pick_req = self.pick_req, None
                 self._fallback_decide()
                 self.pick_req = saved
+        if now < self.sup.wake_at and now < self.watch_at:
+            return
+        # The rest looks at every process: every WATCH_PERIOD, or sooner when the
+        # supervisor has something due (its wake_at). On every pass it was a fifth of the
+        # kernel's time under load, for limits of 100s of milliseconds.
+        self.watch_at = now + WATCH_PERIOD
         self.sup.check(now)  # hangs (charged silence), start timeouts, standbys, the kernel's own restarts
         if self.options.spare and not self.stopping and not self.swapping:  # a spare's imports do not compete with a swap
             self.spare.refill(now)

@@ -17,6 +17,15 @@ non-blocking receive on an *empty* NNG socket costs about 10 µs (it goes throug
 aio machinery and raises TryAgain), a poll about 2 µs. Trying every lane after every
 message, as this module first did, was most of the cost of a round trip.
 
+Batching: what a sender has queued for one receiver and lane leaves as one NNG message
+(a :class:`~kernel.protocol.Batch`) when it flushes: the kernel flushes after each
+message it handles (so everything one message causes, e.g. a job's completion, the
+next question and the releases due, leaves as one send per peer), a service after
+each message it handles. A sparse NNG send costs the sender ~50 µs of CPU (NNG's
+threads woken), against ~10 µs when sends follow each other; in the kernel they were a
+third of its time under load. The receiver unpacks a batch in place: its items are
+handled in order, as if they had come one by one, and HIGH still comes first.
+
 Every socket has a maximum message size and timeouts; decoding is schema-checked by
 :mod:`kernel.protocol` and failures are counted by the caller, never raised past it.
 """
@@ -120,6 +129,7 @@ class PeerLink:
             sock.send_buffer_size = NNG_SEND_BUFFER
         self._in = {lane: dial(pynng.Pull0, address(run_dir, peer, lane)) for lane in LANES}
         self._ready = Readiness(self._in)
+        self._unpacked = {lane: deque() for lane in LANES}  # the rest of a batch, decoded
         self.bad = 0
         self.dropped = 0
         self.kept = {lane: deque() for lane in LANES}
@@ -128,13 +138,15 @@ class PeerLink:
             self._out[lane].send(protocol.encode(hello))
 
     def send(self, msg, lane: Lane = Lane.MEDIUM, keep: bool = False) -> bool:
-        """Send; HIGH blocks up to the send timeout, other lanes give up at once when
-        the kernel's socket is full: counted in ``dropped``, or, with ``keep``, kept
-        here in order and sent by :meth:`flush`. A service keeps its answers: nothing
-        would send them again (a storage service that dropped the LOW acknowledgements
-        of a burst of commits left their clients waiting for ever)."""
+        """Send now; HIGH blocks up to the send timeout, other lanes give up at once
+        when the kernel's socket is full (counted in ``dropped``). With ``keep`` the
+        message is kept here in order and leaves with the next :meth:`flush`, batched
+        with the others kept, however long the kernel's socket stays full. A service
+        keeps its answers: nothing would send them again (a storage service that
+        dropped the LOW acknowledgements of a burst of commits left their clients
+        waiting for ever)."""
         data = protocol.encode(msg)
-        if keep and self.kept[lane]:
+        if keep:
             self.kept[lane].append(data)
             return True
         try:
@@ -151,12 +163,8 @@ class PeerLink:
         """Send what :meth:`send` kept, in order, as far as the sockets take it; True
         when nothing is left."""
         for lane, kept in self.kept.items():
-            while kept:
-                try:
-                    self._out[lane].send(kept[0], block=False)
-                except pynng.TryAgain:
-                    return False
-                kept.popleft()
+            if not send_batches(self._out[lane], kept):
+                return False
         return True
 
     def recv(self, timeout: float | None) -> tuple[Lane, object] | None:
@@ -164,15 +172,17 @@ class PeerLink:
         deadline = None if timeout is None else time.monotonic() + timeout
         wait_ms = -1 if timeout is None else timeout * 1000.0
         while True:
-            lane = self._ready.first(wait_ms)
+            unpacked = next((lane for lane in LANES if self._unpacked[lane]), None)
+            lane = self._ready.first(0 if unpacked is not None else wait_ms)
+            if unpacked is not None and (lane is None or unpacked <= lane):
+                return unpacked, self._unpacked[unpacked].popleft()
             if lane is not None:
                 msg = try_recv_msg(self._in[lane])
                 if msg is not None:
-                    try:
-                        return lane, protocol.decode(msg.bytes)
-                    except msgspec.MsgspecError:
-                        self.bad += 1
-                        continue  # look at HIGH again before anything else
+                    msgs, bad = protocol.unpack(msg.bytes)
+                    self.bad += bad
+                    self._unpacked[lane].extend(msgs)
+                    continue  # look at HIGH again before anything else
             if deadline is not None:
                 remaining = deadline - time.monotonic()
                 if remaining <= 0:
@@ -182,6 +192,20 @@ class PeerLink:
     def close(self) -> None:
         for sock in (*self._out.values(), *self._in.values()):
             sock.close()
+
+
+def send_batches(sock: pynng.Socket, queue: deque) -> bool:
+    """Send ``queue`` (encoded messages, oldest first) without blocking, in batches,
+    removing what was sent; True when it is empty, False when the socket is full."""
+    while queue:
+        data, n = protocol.take_batch(queue)
+        try:
+            sock.send(data, block=False)
+        except pynng.TryAgain:
+            return False
+        for _ in range(n):
+            queue.popleft()
+    return True
 
 
 class Inbox:
@@ -208,8 +232,10 @@ class Inbox:
 
 
 class Outbox:
-    """The kernel's three Push sockets toward one peer, with a kernel-side buffer for
-    what the peer cannot take now (not yet connected, busy, or held during a swap).
+    """The kernel's three Push sockets toward one peer, with a kernel-side buffer: what
+    was sent since the last :meth:`flush` (it leaves then, batched), and what the peer
+    cannot take now (not yet connected, busy, or held during a swap). ``send`` adds the
+    outbox to the owner's ``dirty`` set, so the owner knows which ones to flush.
 
     Overflow: HIGH is never dropped (its buffer is unbounded: HIGH traffic comes only
     from the kernel itself, a bounded number of decisions per job). MEDIUM and LOW hold
@@ -217,9 +243,10 @@ class Outbox:
     in ``drops`` (visible in `lugh status`).
     """
 
-    def __init__(self, run_dir: Path, peer: str, cap: int = 10_000):
+    def __init__(self, run_dir: Path, peer: str, cap: int = 10_000, dirty: set | None = None):
         self.peer = peer
         self.cap = cap
+        self._dirty = dirty  # the owner's set of outboxes with something to flush
         self.socks = {}
         for lane in LANES:
             sock = listen(pynng.Push0, address(run_dir, peer, lane))
@@ -228,36 +255,23 @@ class Outbox:
         self.pending = {lane: deque() for lane in LANES}
         self.held = False
         self.drops = {lane: 0 for lane in LANES}
-        self.sent = {lane: 0 for lane in LANES}
 
     def send(self, data: bytes, lane: Lane) -> None:
+        """Queue ``data``; it leaves with the next :meth:`flush`, in a batch with what
+        else is queued for the lane."""
         queue = self.pending[lane]
-        if not self.held and not queue and self._try(data, lane):
-            return
         if lane is not Lane.HIGH and len(queue) >= self.cap:
             self.drops[lane] += 1
             return
         queue.append(data)
-
-    def _try(self, data: bytes, lane: Lane) -> bool:
-        try:
-            self.socks[lane].send(data, block=False)
-        except pynng.TryAgain:
-            return False
-        self.sent[lane] += 1
-        return True
+        if self._dirty is not None:
+            self._dirty.add(self)
 
     def flush(self) -> bool:
-        """Send what is buffered, HIGH first; True when nothing is left."""
+        """Send what is queued, HIGH first; True when nothing is left."""
         if self.held:
             return False
-        for lane in LANES:
-            queue = self.pending[lane]
-            while queue and self._try(queue[0], lane):
-                queue.popleft()
-            if queue:
-                return False
-        return True
+        return all(send_batches(self.socks[lane], self.pending[lane]) for lane in LANES)
 
     def backlog(self) -> int:
         return sum(len(q) for q in self.pending.values())

@@ -77,6 +77,7 @@ PLUGIN_KINDS = ("scheduler", "storage", "monitor")
 # Stream messages waiting for a service, past which MEDIUM and LOW are refused (HIGH:
 # never). LUGH_DOWN_BUFFER_CAP, in the kernel's environment, lowers it for a test.
 DOWN_BUFFER_CAP = int(os.environ.get("LUGH_DOWN_BUFFER_CAP") or 20_000)
+MARK_REFRESH = 0.01  # seconds a sign of life reuses the CPU-wait clocks read before it (Supervisor.mark)
 IO_GRACE = 2.0  # more seconds for a silent peer that is in uninterruptible disk wait
 # spawn to connected (process start, imports, plugin verification); a QEMU/TCG target sets
 # more: its starved vCPUs do not show as waiting for a CPU (see charged())
@@ -205,9 +206,17 @@ class Supervisor:
         return schedstat_wait(self._kernel_schedstat)
 
     def mark(self, inst) -> None:
-        """A sign of life from ``inst``: start charging silence from now."""
-        inst.last_beat = time.monotonic()
-        inst.marks = (self._kernel_wait(), schedstat_wait(f"/proc/{inst.child.pid}/schedstat") if inst.child else 0.0)
+        """A sign of life from ``inst``: start charging silence from now. The CPU-wait
+        clocks are read again only if the last reading is ``MARK_REFRESH`` old: a busy
+        worker signs life a thousand times a second, and two /proc reads each time were
+        5 % of the kernel. An older reading credits the waits since it too, so a silence
+        is charged at most that much too little (against hang limits of 100s of ms)."""
+        now = time.monotonic()
+        inst.last_beat = now
+        if now - inst.marked_at >= MARK_REFRESH:
+            inst.marked_at = now
+            inst.marks = (self._kernel_wait(),
+                          schedstat_wait(f"/proc/{inst.child.pid}/schedstat") if inst.child else 0.0)
 
     def charged(self, inst, silence: float) -> float:
         """``silence`` less the time the peer waited for a CPU and the kernel was not
@@ -228,7 +237,8 @@ class Supervisor:
     # ------------------------------------------------------------------ the watchdog
 
     def check(self, now: float) -> None:
-        """Run from the kernel's watchdogs on every pass of the loop."""
+        """Run from the kernel's watchdogs (every ``WATCH_PERIOD``, or when ``wake_at``,
+        which it sets, has come)."""
         k = self.k
         self.tick(now)
         wake = now + 0.05
@@ -355,6 +365,7 @@ class Supervisor:
         else:
             self.local.failed(service.name, now, reason, inst.peer)
             self.tick(now)  # the first restart is immediate
+            self.wake_at = now  # the watchdogs look again: a later restart may be due
         if service.name != "monitor":  # after the recovery began: the monitor can wait
             self._tell_monitor("service_down", service=service.name, peer=inst.peer, reason=reason[:200])
 
@@ -428,6 +439,7 @@ class Supervisor:
             k._event("rs", "service_down", service=service.name, peer="", reason=reason)
         else:
             self.local.failed(service.name, time.monotonic(), reason)
+            self.wake_at = 0.0  # a restart of its own may be due at once
 
     def _promote(self, service, standby) -> None:
         """A hot standby takes over: it has started, verified and imported its plugin

@@ -9,6 +9,7 @@ ping: that is what says which message the kernel served first.
 
 from __future__ import annotations
 
+import collections
 import os
 import random
 import signal
@@ -202,37 +203,68 @@ def test_high_lane_overtakes_a_low_flood(kernel, link):
 # ---------------------------------------------------------------------------- 2. bounds
 
 
+def _carried(data: bytes) -> list[bytes]:
+    """What one NNG message from an outbox carried: a batch's items, or itself."""
+    try:
+        msg = protocol.decode(data)
+    except msgspec.MsgspecError:
+        return [data]
+    return list(msg.items) if isinstance(msg, protocol.Batch) else [data]
+
+
 def test_outbox_bounds_medium_and_low_and_never_drops_high(home):
     """Unit level, real sockets: a peer that is absent, then held, then reading."""
     run = paths.run_dir(home)
     cap, extra, nng = 5, 3, ipc.NNG_SEND_BUFFER
     outbox = ipc.Outbox(run, "p1", cap=cap)
     try:
-        total = nng + cap + extra
+        sent = {lane: [] for lane in ipc.LANES}
+
+        def send(lane, n):
+            for _ in range(n):
+                data = b"%d" % len(sent[lane])
+                sent[lane].append(data)
+                outbox.send(data, lane)
+
+        # Queued until a flush; past ``cap`` MEDIUM and LOW drop the newest, HIGH never.
         for lane in ipc.LANES:
-            for i in range(total):
-                outbox.send(b"%d" % i, lane)
-        # NNG's send buffer takes the first ``nng`` even with no peer; the outbox queues
-        # ``cap`` more; past that MEDIUM and LOW drop the newest, HIGH never drops.
+            send(lane, cap + extra)
         assert outbox.drops == {Lane.HIGH: 0, Lane.MEDIUM: extra, Lane.LOW: extra}
         assert {lane: len(q) for lane, q in outbox.pending.items()} == {
             Lane.HIGH: cap + extra, Lane.MEDIUM: cap, Lane.LOW: cap}
+        want = {lane: sent[lane][:cap + extra if lane is Lane.HIGH else cap] for lane in ipc.LANES}
+        # With no peer, NNG's send buffer takes about ``nng`` messages: a flush puts each
+        # lane's queue in one batch, then one message per flush fills the buffer up. (A
+        # flush stops at the first lane it cannot empty, HIGH first: fill LOW first.)
+        assert outbox.flush() and outbox.backlog() == 0
+        for lane in reversed(ipc.LANES):
+            for taken in range(2 * nng):
+                send(lane, 1)
+                outbox.flush()
+                if outbox.pending[lane]:
+                    break
+                want[lane].append(sent[lane][-1])
+            assert nng // 2 < taken < 2 * nng, (lane, taken)
+            send(lane, cap + extra)  # the socket is full: the outbox keeps ``cap`` (HIGH all)
+            kept = cap + extra + 1 if lane is Lane.HIGH else cap
+            assert list(outbox.pending[lane]) == sent[lane][-(cap + extra + 1):][:kept]
+            want[lane] += outbox.pending[lane]
+        assert outbox.drops == {Lane.HIGH: 0, Lane.MEDIUM: 2 * extra + 1, Lane.LOW: 2 * extra + 1}
 
         pulls = {lane: pynng.Pull0(recv_timeout=int(RECV_TIMEOUT * 1000)) for lane in ipc.LANES}
         for lane, sock in pulls.items():
             sock.dial(ipc.address(run, "p1", lane), block=True)
         try:
             received = {lane: [] for lane in ipc.LANES}
-            want = {Lane.HIGH: total, Lane.MEDIUM: nng + cap, Lane.LOW: nng + cap}
             deadline = time.monotonic() + RECV_TIMEOUT
-            while received != {lane: [b"%d" % i for i in range(n)] for lane, n in want.items()}:
+            while received != want:
                 assert time.monotonic() < deadline, {lane: len(r) for lane, r in received.items()}
                 outbox.flush()
                 for lane, sock in pulls.items():
                     while (msg := ipc.try_recv_msg(sock)) is not None:
-                        received[lane].append(msg.bytes)
+                        received[lane] += _carried(msg.bytes)
                 time.sleep(0.001)
-            assert outbox.flush() and outbox.backlog() == 0  # the newest were the ones dropped
+            assert outbox.flush() and outbox.backlog() == 0  # in order; the newest were the ones dropped
 
             outbox.held = True  # held: even HIGH waits in the kernel until released
             outbox.send(b"held", Lane.HIGH)
@@ -291,6 +323,7 @@ def test_inbound_queue_overflow_drops_newest_and_refuses_requests(bare_kernel, l
             assert time.monotonic() < deadline, k.lane_drops
             k._drain_high()
             k._fill(lane)
+            k._flush()
             time.sleep(0.001)
 
         replies = {}
@@ -331,6 +364,63 @@ def test_kernel_counts_outbound_drops_in_status(kernel):
     assert st["lanes"]["HIGH"]["dropped"] == 0
     kernel.request(protocol.DetachReq(peer=grant["peer"]))
     assert kernel.status()["lanes"]["LOW"]["outbound_buffered"] == 0
+
+
+# ---------------------------------------------------------------------------- batches
+
+
+def test_a_batch_is_cut_to_the_message_size_limit():
+    small = [b"x" * 100] * (protocol.BATCH_MAX_ITEMS + 10)
+    data, n = protocol.take_batch(collections.deque(small))
+    assert n == protocol.BATCH_MAX_ITEMS and protocol.decode(data).items == small[:n]
+    big = b"y" * (protocol.MAX_MESSAGE_BYTES // 3)
+    queue = collections.deque([big, big, big, b"z"])
+    data, n = protocol.take_batch(queue)
+    assert n == 2 and len(data) <= protocol.MAX_MESSAGE_BYTES and protocol.decode(data).items == [big, big]
+    assert list(queue) == [big, big, big, b"z"], "the caller removes what it sent"
+    alone = b"w" * (protocol.MAX_MESSAGE_BYTES - 10)
+    assert protocol.take_batch(collections.deque([alone, b"z"])) == (alone, 1), "too big to share: sent as it is"
+
+
+def test_a_batch_is_handled_in_order_and_each_item_checked_alone(kernel):
+    """A peer's batch: a Hello inside it binds the pipe for the items after it; a bad
+    item and a batch inside the batch are counted and dropped alone."""
+    grant = kernel.request(protocol.AttachReq(name="batch"))
+    ping = lambda req: protocol.encode(protocol.Ping(req=req))
+    nested = protocol.encode(protocol.Batch(items=[ping(90), ping(91)]))
+    batch = protocol.encode(protocol.Batch(items=[hello(grant), ping(1), b"\xc1 not msgpack", ping(2), nested, ping(3)]))
+    before = kernel.status()
+    with raw_pull(kernel, grant["peer"], Lane.HIGH) as pull, raw_push(kernel, Lane.HIGH) as push:
+        push.send(batch)
+        got = []
+        while len(got) < 3:
+            got += [protocol.decode(data) for data in _carried(pull.recv())]
+    assert got == [protocol.Pong(req=1, order=got[0].order), protocol.Pong(req=2, order=got[0].order + 1),
+                   protocol.Pong(req=3, order=got[0].order + 2)]
+    wait_counters(kernel, before, {"bad_messages": 2, "bad_schema": 2, "unauthenticated": 0})
+    kernel.request(protocol.DetachReq(peer=grant["peer"]))
+
+
+def test_a_peer_takes_high_before_the_rest_of_a_low_batch(home):
+    """Unit level, real sockets: a kernel's outbox and inbox, and a peer's link."""
+    run = paths.run_dir(home)
+    inbox, outbox = ipc.Inbox(run), ipc.Outbox(run, "p1")
+    link = ipc.PeerLink(run, "p1", "token")
+    try:
+        for req in (1, 2, 3):
+            outbox.send(protocol.encode(protocol.Ping(req=req)), Lane.LOW)
+        assert outbox.flush()
+        assert link.recv(RECV_TIMEOUT) == (Lane.LOW, protocol.Ping(req=1))  # 2 and 3 came with it
+        outbox.send(protocol.encode(protocol.Ping(req=4)), Lane.HIGH)
+        assert outbox.flush()
+        assert link._ready.first(RECV_TIMEOUT * 1000) is Lane.HIGH  # it has arrived
+        assert [link.recv(RECV_TIMEOUT) for _ in range(3)] == [
+            (Lane.HIGH, protocol.Ping(req=4)), (Lane.LOW, protocol.Ping(req=2)), (Lane.LOW, protocol.Ping(req=3))]
+        assert link.recv(0.01) is None
+    finally:
+        link.close()
+        outbox.close()
+        inbox.close()
 
 
 # ---------------------------------------------------------------------------- 3. malformed
