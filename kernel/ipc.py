@@ -271,7 +271,10 @@ class Outbox:
         """Send what is queued, HIGH first; True when nothing is left."""
         if self.held:
             return False
-        return all(send_batches(self.socks[lane], self.pending[lane]) for lane in LANES)
+        for lane, queue in self.pending.items():
+            if queue and not send_batches(self.socks[lane], queue):
+                return False
+        return True
 
     def backlog(self) -> int:
         return sum(len(q) for q in self.pending.values())

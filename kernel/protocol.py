@@ -383,6 +383,8 @@ def take_batch(queue) -> tuple[bytes, int]:
     NNG message: a :class:`Batch` of as many as fit in ``MAX_MESSAGE_BYTES`` (at most
     ``BATCH_MAX_ITEMS``), or the first message alone. Returns it and how many it holds."""
     first = queue[0]
+    if len(queue) == 1:
+        return first, 1
     size, n = BATCH_OVERHEAD + BATCH_ITEM_OVERHEAD + len(first), 1
     for data in itertools.islice(queue, 1, BATCH_MAX_ITEMS):
         size += BATCH_ITEM_OVERHEAD + len(data)
