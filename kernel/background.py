@@ -12,6 +12,7 @@ from __future__ import annotations
 import queue
 import sys
 import threading
+from concurrent.futures import Future
 
 
 class Background:
@@ -20,20 +21,24 @@ class Background:
         self._queue: queue.SimpleQueue = queue.SimpleQueue()
         self._thread: threading.Thread | None = None
 
-    def run(self, fn, *args, **kwargs) -> None:
-        """``fn(*args, **kwargs)`` on the background thread, after what was given before."""
+    def run(self, fn, *args, **kwargs) -> Future:
+        """``fn(*args, **kwargs)`` on the background thread, after what was given before.
+        The future is done when it has run (for a caller that must know, never the loop)."""
         if self._thread is None:
             self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
             self._thread.start()
-        self._queue.put((fn, args, kwargs))
+        done: Future = Future()
+        self._queue.put((done, fn, args, kwargs))
+        return done
 
     def _loop(self) -> None:
         while (item := self._queue.get()) is not None:
-            fn, args, kwargs = item
+            done, fn, args, kwargs = item
             try:
-                fn(*args, **kwargs)
+                done.set_result(fn(*args, **kwargs))
             except Exception as exc:  # reported, never fatal: the loop does not wait for it
                 print(f"kernel: {self.name}: {exc!r}", file=sys.stderr)
+                done.set_exception(exc)
 
     def stop(self, timeout: float = 10.0) -> None:
         if self._thread is not None:

@@ -98,7 +98,8 @@ class ControlServer:
         if isinstance(req, protocol.AttachReq):
             return call(kernel.attach_client, req.name)
         if isinstance(req, protocol.DetachReq):
-            return call(kernel.detach_client, req.peer)
+            call(kernel.detach_client, req.peer).result(CALL_TIMEOUT)  # its endpoints gone, then the answer
+            return {"detached": req.peer}
         if isinstance(req, protocol.FaultReq):  # `lugh chaos`
             return call(kernel.sup.inject, req.service, req.fault)
         if isinstance(req, protocol.ServiceRestartReq):  # `lugh restart`

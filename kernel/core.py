@@ -342,12 +342,13 @@ class Kernel:
         self.instances[peer] = inst
         return {"peer": peer, "token": inst.token, "run_dir": str(self.run_dir)}
 
-    def detach_client(self, peer: str) -> dict:
+    def detach_client(self, peer: str) -> Future:
+        """Forget a client; the future is done when its sockets are closed and its
+        endpoints removed (off the loop thread: the caller waits for it, not the loop)."""
         service = self.clients.pop(peer, None)
         if service is None:
             raise KeyError(peer)
-        self._forget(service.active)
-        return {"detached": peer}
+        return self._forget(service.active)
 
     def shutdown(self) -> None:
         self.stopping = True
@@ -922,7 +923,6 @@ class Kernel:
             record.worker, record.started, inst.job, inst.paused = inst.peer, now, job_id, 0.0
             self._send(inst, protocol.RunJob(job=record.job, action=self.table.tasks[record.job.task].task.action
                                              if record.job.task in self.table.tasks else "noop"), Lane.HIGH)
-            inst.outbox.flush()  # at once, not batched behind the pass's other sends: the worker waits for it
         self.running = job_id
         self.counters["dispatched"] += 1
         if self.last_dispatch is not None:
@@ -1018,7 +1018,7 @@ class Kernel:
                 self.running = None
                 self._mark_waiting(time.monotonic())
 
-    def _forget(self, inst: Instance) -> None:
+    def _forget(self, inst: Instance) -> Future:
         self.instances.pop(inst.peer, None)
         for pipe in [p for p, i in self.pipes.items() if i is inst]:
             self.departed[pipe] = self.pipes.pop(pipe)
@@ -1026,7 +1026,7 @@ class Kernel:
             self.departed.popitem(last=False)
         self.regions.reclaim(inst.peer)
         self.unflushed.discard(inst.outbox)
-        self.closer.run(self._close_peer, inst.outbox, inst.peer)
+        return self.closer.run(self._close_peer, inst.outbox, inst.peer)
 
     def _close_peer(self, outbox: ipc.Outbox, peer: str) -> None:
         """On the closer's thread: the loop does not wait for ``nng_close``."""

@@ -18,13 +18,15 @@ aio machinery and raises TryAgain), a poll about 2 µs. Trying every lane after 
 message, as this module first did, was most of the cost of a round trip.
 
 Batching: what a sender has queued for one receiver and lane leaves as one NNG message
-(a :class:`~kernel.protocol.Batch`) when it flushes: the kernel flushes after each
-message it handles (so everything one message causes, e.g. a job's completion, the
-next question and the releases due, leaves as one send per peer), a service after
-each message it handles. A sparse NNG send costs the sender ~50 µs of CPU (NNG's
-threads woken), against ~10 µs when sends follow each other; in the kernel they were a
-third of its time under load. The receiver unpacks a batch in place: its items are
-handled in order, as if they had come one by one, and HIGH still comes first.
+(a :class:`~kernel.protocol.Batch`) when it flushes. The kernel flushes after each
+message it handles; the first message to a peer since the last flush leaves at once,
+the ones after it wait for the flush (what 16 storage writers send becomes two sends
+to the storage service, not 16). A service keeps its answers and flushes them after
+each message it handles (a group commit's answers leave together). Why: a sparse NNG
+send costs its sender ~50 µs of CPU (a ``sendmsg`` and one of NNG's threads woken),
+against ~10 µs when sends follow each other. The receiver unpacks a batch in place:
+its items are handled in order, as if they had come one by one, and HIGH still comes
+first.
 
 Every socket has a maximum message size and timeouts; decoding is schema-checked by
 :mod:`kernel.protocol` and failures are counted by the caller, never raised past it.
@@ -171,17 +173,21 @@ class PeerLink:
         """The next message, HIGH first; None when ``timeout`` seconds pass."""
         deadline = None if timeout is None else time.monotonic() + timeout
         wait_ms = -1 if timeout is None else timeout * 1000.0
+        unpacked = self._unpacked
         while True:
-            unpacked = next((lane for lane in LANES if self._unpacked[lane]), None)
-            lane = self._ready.first(0 if unpacked is not None else wait_ms)
-            if unpacked is not None and (lane is None or unpacked <= lane):
-                return unpacked, self._unpacked[unpacked].popleft()
+            waiting = Lane.HIGH if unpacked[Lane.HIGH] else Lane.MEDIUM if unpacked[Lane.MEDIUM] else \
+                Lane.LOW if unpacked[Lane.LOW] else None
+            lane = self._ready.first(0 if waiting is not None else wait_ms)
+            if waiting is not None and (lane is None or waiting <= lane):
+                return waiting, unpacked[waiting].popleft()
             if lane is not None:
                 msg = try_recv_msg(self._in[lane])
                 if msg is not None:
                     msgs, bad = protocol.unpack(msg.bytes)
                     self.bad += bad
-                    self._unpacked[lane].extend(msgs)
+                    if msgs:
+                        unpacked[lane].extend(msgs[1:])  # the rest waits: HIGH is looked at first
+                        return lane, msgs[0]
                     continue  # look at HIGH again before anything else
             if deadline is not None:
                 remaining = deadline - time.monotonic()
@@ -253,22 +259,33 @@ class Outbox:
             sock.send_buffer_size = NNG_SEND_BUFFER
             self.socks[lane] = sock
         self.pending = {lane: deque() for lane in LANES}
+        self.sent_first = False  # a message went at once since the last flush: the next ones queue
         self.held = False
         self.drops = {lane: 0 for lane in LANES}
 
     def send(self, data: bytes, lane: Lane) -> None:
-        """Queue ``data``; it leaves with the next :meth:`flush`, in a batch with what
-        else is queued for the lane."""
+        """The first message since the last :meth:`flush` leaves at once (a lone
+        message waits for nothing); the ones after it are queued and leave with the
+        next flush, batched (as Nagle's algorithm holds back what follows a segment in
+        flight)."""
         queue = self.pending[lane]
+        if self._dirty is not None:
+            self._dirty.add(self)  # the flush also ends the interval of the send at once
+        if not self.sent_first and not queue and not self.held:
+            try:
+                self.socks[lane].send(data, block=False)
+                self.sent_first = True
+                return
+            except pynng.TryAgain:
+                pass
         if lane is not Lane.HIGH and len(queue) >= self.cap:
             self.drops[lane] += 1
             return
         queue.append(data)
-        if self._dirty is not None:
-            self._dirty.add(self)
 
     def flush(self) -> bool:
         """Send what is queued, HIGH first; True when nothing is left."""
+        self.sent_first = False
         if self.held:
             return False
         for lane, queue in self.pending.items():

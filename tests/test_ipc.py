@@ -226,13 +226,15 @@ def test_outbox_bounds_medium_and_low_and_never_drops_high(home):
                 sent[lane].append(data)
                 outbox.send(data, lane)
 
-        # Queued until a flush; past ``cap`` MEDIUM and LOW drop the newest, HIGH never.
+        send(Lane.HIGH, 1)  # the first since the last flush leaves at once
+        assert outbox.backlog() == 0
+        # The next ones wait for a flush; past ``cap`` MEDIUM and LOW drop the newest, HIGH never.
         for lane in ipc.LANES:
             send(lane, cap + extra)
         assert outbox.drops == {Lane.HIGH: 0, Lane.MEDIUM: extra, Lane.LOW: extra}
         assert {lane: len(q) for lane, q in outbox.pending.items()} == {
             Lane.HIGH: cap + extra, Lane.MEDIUM: cap, Lane.LOW: cap}
-        want = {lane: sent[lane][:cap + extra if lane is Lane.HIGH else cap] for lane in ipc.LANES}
+        want = {lane: sent[lane][:1 + cap + extra if lane is Lane.HIGH else cap] for lane in ipc.LANES}
         # With no peer, NNG's send buffer takes about ``nng`` messages: a flush puts each
         # lane's queue in one batch, then one message per flush fills the buffer up. (A
         # flush stops at the first lane it cannot empty, HIGH first: fill LOW first.)
@@ -407,9 +409,10 @@ def test_a_peer_takes_high_before_the_rest_of_a_low_batch(home):
     inbox, outbox = ipc.Inbox(run), ipc.Outbox(run, "p1")
     link = ipc.PeerLink(run, "p1", "token")
     try:
-        for req in (1, 2, 3):
+        for req in (0, 1, 2, 3):  # 0 leaves at once, the others in one batch at the flush
             outbox.send(protocol.encode(protocol.Ping(req=req)), Lane.LOW)
         assert outbox.flush()
+        assert link.recv(RECV_TIMEOUT) == (Lane.LOW, protocol.Ping(req=0))
         assert link.recv(RECV_TIMEOUT) == (Lane.LOW, protocol.Ping(req=1))  # 2 and 3 came with it
         outbox.send(protocol.encode(protocol.Ping(req=4)), Lane.HIGH)
         assert outbox.flush()
