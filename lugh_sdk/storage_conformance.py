@@ -263,6 +263,30 @@ def check_storage_check_passes_a_sound_data_set(open_store: Opener, tmp: Path) -
     again.storage_close()
 
 
+def check_storage_position_agrees_with_stats(open_store: Opener, tmp: Path) -> None:
+    """``storage_position`` (API 1.3) gives ``last_seq``, ``horizon`` and ``durable`` as
+    ``storage_stats`` does, after commits, a compaction and a reopen. A backend without
+    it has nothing to agree (the service asks it for ``storage_stats``)."""
+    def agree(hook) -> None:
+        stats, position = hook.storage_stats(), hook.storage_position()
+        assert position == {k: stats[k] for k in ("last_seq", "horizon", "durable")}, (position, stats)
+
+    hook = open_store(tmp)
+    if not hook.storage_position.get_hookimpls():
+        hook.storage_close()
+        return
+    agree(hook)
+    for i in range(4):
+        commit(hook, {f"k{i}": b"v"})
+    agree(hook)
+    hook.storage_compact(keep=1)
+    agree(hook)
+    hook.storage_close()
+    again = open_store(tmp)
+    agree(again)
+    again.storage_close()
+
+
 CHECKS = [
     check_transactions_and_sequence_numbers,
     check_bad_writes_are_refused,
@@ -274,4 +298,5 @@ CHECKS = [
     check_close_and_reopen_keep_everything,
     check_export_import_round_trip,
     check_storage_check_passes_a_sound_data_set,
+    check_storage_position_agrees_with_stats,
 ]

@@ -127,6 +127,34 @@ def test_the_position_and_the_last_acknowledgements_survive_a_restart(tmp_path):
     assert other.server.startup == [], "never to another kernel: its request ids mean other things"
 
 
+class CountedStats(SqliteStorage):
+    """sqlite-storage, counting the calls of ``storage_stats`` (which counts every key)."""
+    stats_calls = 0
+
+    @hookimpl
+    def storage_stats(self) -> dict:
+        self.stats_calls += 1
+        return super().storage_stats()
+
+
+def test_the_open_asks_for_the_position_not_for_the_counts(tmp_path):
+    """Plugin API 1.3: an open (each restart, each takeover) reads the position alone,
+    in a time that does not grow with the data set; only `lugh kv stats` counts."""
+    d = Drive(CountedStats(), tmp_path)
+    d.put(1, [(f"k{i}", b"v") for i in range(100)])
+    d.server.flush()
+    d.close()
+    plugin = CountedStats()
+    again = Drive(plugin, tmp_path)
+    assert (again.stream.applied, again.server.last_seq, plugin.stats_calls) == (1, 1, 0)
+    (reply, _), = again.server.handle(protocol.KvInfo(req=2, what="stats", origin="c1"), Lane.HIGH)
+    assert reply.info["keys"] == 100 and plugin.stats_calls == 1
+    again.close()
+    memory = Drive(MemoryStorage(), tmp_path / "memory")  # no storage_position: its stats serve
+    assert memory.server.durable is False
+    memory.close()
+
+
 def test_interactive_transactions(tmp_path, backend):
     d = Drive(backend(), tmp_path)
     assert d.txn(1, 7, "begin") == [], "only the commit is answered"

@@ -118,6 +118,8 @@ class Backend:
         self.handover = has("storage_export", "storage_import")
         # The same keyword calls reach the plugin (1.1) or the staging above (1.0).
         self.tx = hook if self.transactions else _Legacy(hook)
+        # The position without the counts (1.3), or all of the stats.
+        self.position = hook.storage_position if has("storage_position") else hook.storage_stats
 
     def need(self, capability: str, what: str) -> None:
         if not getattr(self, capability):
@@ -202,7 +204,7 @@ class Server:
         self.data_dir: Path = args.data_dir
         self.data_dir.mkdir(parents=True, exist_ok=True)
         hook.storage_open(path=str(self.data_dir))
-        stats = hook.storage_stats() or {}
+        stats = self.backend.position() or {}
         self.durable = stats.get("durable", True)
         self.last_seq = int(stats.get("last_seq", 0))
         self.horizon = int(stats.get("horizon", 0))
@@ -533,7 +535,7 @@ class Server:
 
     def _health(self, msg) -> protocol.Done:
         position = self._position()
-        ok = position == self.stream.acked and self.hook.storage_stats().get("last_seq", 0) >= self.last_seq
+        ok = position == self.stream.acked and self.backend.position().get("last_seq", 0) >= self.last_seq
         return protocol.Done(req=msg.req, ok=ok, applied_seq=self.stream.acked,
                              error="" if ok else f"stream position {position}, expected {self.stream.acked}")
 

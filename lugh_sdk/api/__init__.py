@@ -12,7 +12,7 @@ not contain the running version, before it imports a single line of the plugin.
 from lugh_sdk.api.markers import hookimpl, hookspec, PROJECT
 from lugh_sdk.api.types import Commit, Job, SchedulerState, StateError, StorageError, Task, Version
 
-PLUGIN_API_VERSION = "1.2"  # 1.1: the storage hooks beyond the minimal set; 1.2: storage_check (lugh_sdk.api.storage)
+PLUGIN_API_VERSION = "1.3"  # 1.1: the storage hooks beyond the minimal set; 1.2: storage_check; 1.3: storage_position (lugh_sdk.api.storage)
 KINDS = ("scheduler", "storage", "monitor")
 
 __all__ = [

@@ -26,6 +26,10 @@ requests with a clear error.
 which a hot standby runs while it waits so that the open at its promotion need not (on
 a large data set the check is most of an open).
 
+**API 1.3** adds ``storage_position``: what the service needs of ``storage_stats`` to
+open (the last sequence number, the horizon, durability) without the counts that grow
+with the data set (sqlite-storage: 0.7-1.5 ms for 100 000 keys, warm, more from a cold cache; the position alone 0.02-0.05 ms).
+
 :class:`lugh_sdk.api.storage_base.StagedTransactions` implements the transaction hooks for
 a backend that supplies only ``apply_group``. docs/storage.md has the guarantees.
 """
@@ -42,6 +46,7 @@ OPTIONAL_HOOKS = (
     "storage_scan", "storage_history", "storage_versions", "storage_as_of", "storage_compact",
     "storage_export", "storage_import",
     "storage_check",  # 1.2
+    "storage_position",  # 1.3
 )
 
 # --- API 1.0 -------------------------------------------------------------------------
@@ -182,3 +187,13 @@ def storage_check(path: str) -> None:
     the same process, ``storage_open(path)`` may skip its own check: what was written
     since went through the backend itself."""
 
+
+# --- API 1.3: the position alone ----------------------------------------------------------
+
+
+@hookspec(firstresult=True)
+def storage_position() -> dict:
+    """The open data set's ``last_seq``, ``horizon`` and ``durable``, as ``storage_stats``
+    gives them, in a time that does not grow with the data set (no count of keys or
+    commits). The service asks for it when it opens the data set, on every restart and
+    takeover; a backend without it is asked for ``storage_stats``."""

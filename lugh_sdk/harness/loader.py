@@ -46,6 +46,7 @@ _STORAGE_GROUPS = {
     "compact": ("storage_compact",),
     "handover": ("storage_export", "storage_import"),
     "check": ("storage_check",),  # API 1.2
+    "position": ("storage_position",),  # API 1.3
 }
 
 

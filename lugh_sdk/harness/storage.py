@@ -45,6 +45,7 @@ _CHECK_GROUPS = {
     "check_compaction": ("transactions", "scan", "versions", "compact"),
     "check_close_and_reopen_keep_everything": ("transactions", "versions"),
     "check_storage_check_passes_a_sound_data_set": ("transactions", "check"),
+    "check_storage_position_agrees_with_stats": ("transactions", "versions", "compact", "position"),
 }
 
 
