@@ -298,7 +298,7 @@ class Kernel:
             module = "kernel.services.host"
             try:
                 plugin_dir = plugin_store.locate(self.home, plugin)
-            except plugin_store.PluginError as exc:
+            except plugin_store.PluginError:
                 outbox.close()
                 raise
             args += ["--kind", service.kind, "--plugin-dir", str(plugin_dir),
@@ -997,7 +997,6 @@ class Kernel:
         self._gone(inst, f"exit status {code}: {processes.last_line(inst.child.log_path)}"[:300])
 
     def _gone(self, inst: Instance, reason: str) -> None:
-        service = inst.service
         self._forget(inst)
         if not inst.ready_future.done():
             inst.ready_future.set_exception(RuntimeError(f"{inst.peer} exited before it was ready ({reason})"))

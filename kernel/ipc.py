@@ -40,7 +40,6 @@ import time
 from collections import deque
 from pathlib import Path
 
-import msgspec
 import pynng
 
 from kernel import protocol

@@ -34,8 +34,6 @@ def _home(home: Optional[Path]) -> Path:
 
 
 def _check_target(target: str) -> None:
-    from lugh_sdk.errors import LughError
-
     if target != "local":
         from lugh_sdk import targets
 

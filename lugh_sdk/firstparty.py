@@ -65,7 +65,7 @@ def cached_wheel(project: Path, digest: str) -> Path:
         return wheels[0]
     slot.parent.mkdir(parents=True, exist_ok=True)
     with tempfile.TemporaryDirectory(dir=slot.parent) as tmp:
-        wheel = build_wheel(project, Path(tmp))
+        build_wheel(project, Path(tmp))
         try:
             Path(tmp).rename(slot)  # atomic: a concurrent builder's result is as good
         except OSError:

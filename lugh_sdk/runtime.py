@@ -10,7 +10,7 @@ import sys
 import time
 from pathlib import Path
 
-from kernel import paths, processes, protocol
+from kernel import paths, protocol
 from lugh_sdk import firstparty
 from lugh_sdk.client import KernelClient, LughError
 

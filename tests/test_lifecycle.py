@@ -13,7 +13,7 @@ import pytest
 from conftest import boot, pids_alive, processes_of
 from kernel import protocol
 from lugh_sdk import runtime
-from lugh_sdk.client import LughError, NotRunning
+from lugh_sdk.client import NotRunning
 
 
 def test_up_starts_every_service_in_its_own_process(kernel):

@@ -483,7 +483,6 @@ def test_a_plugin_that_crash_loops_after_a_swap_is_rolled_back(supervised):
     assert rollback[0]["data"]["undoes"] == result["id"]  # the swap it reverted
     assert rollback[0]["data"]["to"] == "round-robin-scheduler" and "restarts" in rollback[0]["data"]["reason"]
     assert rollback[0]["seq"] > next(r["seq"] for r in records if r["op"] == "swap.commit")
-    config = json.loads((k.home / "state" / "services.json").read_text())
     k.wait_for(lambda st: json.loads((k.home / "state" / "services.json").read_text())["plugins"]["scheduler"]
                == "round-robin-scheduler", what="the configuration to be rewritten")
     # `lugh rollback` knows that the swap was undone already: nothing is left to undo.
