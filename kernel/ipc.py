@@ -292,9 +292,6 @@ class Outbox:
                 return False
         return True
 
-    def backlog(self) -> int:
-        return sum(len(q) for q in self.pending.values())
-
     def discard(self) -> None:
         for q in self.pending.values():
             q.clear()
