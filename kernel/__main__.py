@@ -22,8 +22,6 @@ from kernel.core import Kernel, Options
 from kernel.workload import grid_tasks
 from lugh_sdk.api.types import Task
 
-EXIT_ALREADY_RUNNING = 2
-
 
 def load_tasks(home: Path, workload: str) -> list[Task]:
     saved = home / "state" / "tasks.json"
@@ -41,11 +39,19 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--memory-budget", type=int, default=Options.memory_budget)
     parser.add_argument("--dispatch-batch", type=int, default=Options.dispatch_batch, choices=range(1, 65),
                         metavar="1..64", help="scheduler decisions per answer (the dispatch queue, kernel/core.py)")
+    parser.add_argument("--slots", type=int, default=Options.slots,
+                        help="jobs running at once (dispatch slots; at most --workers, and more workers than slots "
+                             "leave room for preemption)")
     parser.add_argument("--no-spare", dest="spare", action="store_false",
                         help="no pre-imported spare host: every restart starts a new interpreter")
     parser.add_argument("--listen", default=None, help="also serve control on tls+tcp://HOST:PORT (kernel/remote.py)")
     parser.add_argument("--tls-dir", type=Path, default=None, help="ca.pem, server.pem, server.key for --listen")
     args = parser.parse_args(argv)
+    try:
+        options = Options(heartbeat=args.heartbeat, workers=args.workers, memory_budget=args.memory_budget,
+                          dispatch_batch=args.dispatch_batch, slots=args.slots, spare=args.spare)
+    except ValueError as exc:
+        parser.error(str(exc))
     home = args.home.resolve()
     run_dir = paths.run_dir(home)
     lock = open(run_dir / "kernel.lock", "w")
@@ -53,11 +59,9 @@ def main(argv: list[str] | None = None) -> int:
         fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
         print(f"a kernel is already running for {home}", file=sys.stderr)
-        return EXIT_ALREADY_RUNNING
+        return paths.EXIT_ALREADY_RUNNING
     paths.clear_stale(run_dir)
-    kernel = Kernel(home, run_dir, Options(heartbeat=args.heartbeat, workers=args.workers,
-                                           memory_budget=args.memory_budget, dispatch_batch=args.dispatch_batch,
-                                           spare=args.spare))
+    kernel = Kernel(home, run_dir, options)
     stop = lambda *_: kernel.call(setattr, kernel, "stopping", True)
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)

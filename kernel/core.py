@@ -14,8 +14,11 @@ Inbound MEDIUM and LOW messages wait in bounded queues (``LANE_CAP``); past the 
 the newest is dropped, counted, and a request among them is answered with an error.
 HIGH is never dropped.
 
-Dispatching: one job runs at a time (one dispatch slot, as on a uniprocessor). The
-scheduler service is asked for every decision; while it cannot answer (swapping,
+Dispatching: ``Options.slots`` jobs run at once (one dispatch slot by default, as on a
+uniprocessor; on a multi-core machine more slots make the schedule a global one, as
+Linux's SCHED_DEADLINE does across a root domain). The scheduler service is asked for
+every decision: "what runs now" while a slot is free, "does anything preempt" when a job
+is released while every slot is busy; while it cannot answer (swapping,
 restarting, stalled past ``PICK_TIMEOUT``) the kernel's fallback policy (EDF, see
 :mod:`kernel.tasks`) decides, so dispatching never stops. A scheduler silent for
 ``EJECT_AFTER`` is killed (ejected); the reincarnation server restarts it.
@@ -26,7 +29,14 @@ next batch while a job runs, so a job starts without a scheduler round trip on t
 critical path. Decided jobs are committed: they start in the scheduler's order, and a
 job released meanwhile waits behind at most ``dispatch_batch - 1`` of them, unless it
 preempts the running job (every release is still put to the scheduler); a preemption
-gives the queued decisions back. With 1 (the default) every start is asked for.
+gives the queued decisions back. With 1 (the default) every start is asked for. The
+dispatch queue needs a single slot (its committed order is one slot's order).
+
+With several slots, a release while every slot is busy asks about the running jobs
+least urgent first by the kernel's own order (latest deadline); the scheduler service
+puts the question to its plugin about each in turn, and the first job the plugin says
+must preempt one takes that one's slot. A preempted job keeps its worker (stopped), so
+a preemption needs an idle worker: run more workers than slots.
 """
 
 from __future__ import annotations
@@ -56,9 +66,9 @@ from kernel.background import Background
 from kernel.journal import Journal, unfinished, write_atomically
 from kernel.memory import RegionTable
 from kernel.protocol import Lane
-from kernel.tasks import TaskTable, fallback_key
+from kernel.tasks import JobRecord, TaskTable, fallback_key
 from kernel.timer import ReleaseTimer
-from lugh_sdk.api.types import SchedulerState, Task
+from lugh_sdk.api.types import Job, SchedulerState, Task
 
 LANE_CAP = 20_000
 HIGH_FLUSH_EVERY = 32  # HIGH messages handled between two flushes in one long drain
@@ -87,7 +97,14 @@ class Options:
     workers: int = WORKERS
     memory_budget: int = DEFAULT_BUDGET
     dispatch_batch: int = 1  # decisions per scheduler answer (the dispatch queue, see above)
+    slots: int = 1  # jobs running at once (see above)
     spare: bool = True  # keep a pre-imported host interpreter for restarts (kernel/processes.py, Spare)
+
+    def __post_init__(self) -> None:
+        if not 1 <= self.slots <= max(1, self.workers):  # no workers (storage-only tests): nothing dispatches
+            raise ValueError(f"slots must be between 1 and the number of workers ({self.workers}), not {self.slots}")
+        if self.slots > 1 and self.dispatch_batch > 1:
+            raise ValueError("the dispatch queue (dispatch_batch > 1) needs a single slot")
 
 
 @dataclass
@@ -202,17 +219,17 @@ class Kernel:
         self.handled_seq = 0  # order in which messages were handled, for the lane tests
         self.requests: dict[int, tuple[Future, Instance | None]] = {}
         self._req = 0
-        self.running: str | None = None
+        self.running: set[str] = set()  # jobs on a worker now (at most Options.slots)
         self.pick_req: int | None = None
         self.pick_sent = 0.0
         self.pick_dirty = False
         self.pick_late = False  # the pick is past PICK_TIMEOUT: the fallback decides until it is answered
-        self.pick_for: str | None = None  # the running job when the pick was asked
+        self.pick_for: tuple[str, ...] = ()  # the running jobs the pick asks about (none: "what runs now")
         self.planned: collections.deque = collections.deque()  # decided by the scheduler, not started, in order
         self.fallback_only = False  # set while a swap has quiesced the scheduler
         self.swapping: str | None = None  # id of the swap in progress
         self.swap_marks = (0.0, {}, 0)
-        self.wait_start: float | None = None  # a job ready and the slot free since
+        self.wait_start: float | None = None  # a job ready and a slot free since
         # A dispatch wait is the scheduler's deliberation (a PickNext in flight, at most
         # PICK_TIMEOUT) plus the rest, the *stall*: no one was deciding, the kernel
         # itself held the job back (its loop busy or blocked, e.g. by a swap step).
@@ -574,7 +591,7 @@ class Kernel:
             self._replay(service, inst)
         if service.kind == "worker":
             self._want_decision()
-        elif service.kind == "scheduler" and self.running is None and self.table.ready:
+        elif service.kind == "scheduler" and self._slot_free() and self._waiting():
             self._want_decision()
         self.sup.resumed(service, inst)
 
@@ -618,15 +635,19 @@ class Kernel:
             return
         self._pick_closed()
         self.pick_req = None
-        if self.pick_for is None and self.running is not None and self.options.dispatch_batch > 1:
+        dispatched = self.counters["dispatched"]
+        if not self.pick_for and self.running and self.options.dispatch_batch > 1:
             if msg.job_id is not None:  # asked ahead while a job runs: the batch waits its turn
                 self.planned.extend([msg.job_id, *msg.more])
         else:
-            self._apply_decision(msg.job_id, self.pick_for)
+            victim = (msg.preempts if msg.preempts in self.pick_for else self.pick_for[0]) if self.pick_for else None
+            self._apply_decision(msg.job_id, victim)
             self.planned.extend(msg.more)
-        if self.pick_dirty:
-            self.pick_dirty = False
-            self._want_decision()
+        # Ask again: for what was released while the question was out (it may preempt),
+        # or for the next free slot after a start.
+        dirty, self.pick_dirty = self.pick_dirty, False
+        if dirty or (self.counters["dispatched"] > dispatched and self._slot_free()):
+            self._want_decision(preempt_check=dirty)
 
     def _on_reply(self, inst, msg, lane):
         if isinstance(msg, (protocol.Done, protocol.Exported, protocol.Handover)):
@@ -651,11 +672,10 @@ class Kernel:
             processes.kill(inst.child, signal.SIGCONT)
             inst.stopped = False
         record = self.table.finish(msg.job_id, now, msg.ok)
-        if self.running == msg.job_id:
-            self.running = None
+        self.running.discard(msg.job_id)
         if record is not None:
             self._stream("scheduler", protocol.JobCompleted(seq=0, job=record.job))
-        if self.table.ready:
+        if self._waiting():
             self._mark_waiting(now)
         self._want_decision()
         if record is not None and now > record.job.deadline:  # after the next question: the monitor can wait
@@ -803,13 +823,29 @@ class Kernel:
         for job in jobs:
             self._stream("scheduler", protocol.JobReleased(seq=0, job=job))
         if jobs:
-            if self.running is None:
+            free = self._slot_free()
+            if free:
                 self._mark_waiting(now)
-            self._want_decision(preempt_check=self.running is not None)
+            self._want_decision(preempt_check=not free)
 
     def _mark_waiting(self, now: float) -> None:
         if self.wait_start is None:
             self.wait_start = now
+
+    def _slot_free(self) -> bool:
+        return len(self.running) < self.options.slots
+
+    def _waiting(self) -> bool:
+        """A ready job is off the CPU (queued, or preempted): there is something to start."""
+        return len(self.table.ready) > len(self.running)
+
+    def _least_urgent_first(self) -> list[Job]:
+        """The running jobs, the one a preemption would stop first (latest deadline) first."""
+        return sorted((self.table.ready[j].job for j in self.running), key=fallback_key, reverse=True)
+
+    def _can_start(self, record: JobRecord) -> bool:
+        """A worker for it: its own (preempted, stopped) or an idle one."""
+        return record.worker is not None or self._idle_worker() is not None
 
     def _scheduler_usable(self) -> Instance | None:
         sched = self.services["scheduler"]
@@ -819,11 +855,12 @@ class Kernel:
         return inst
 
     def _want_decision(self, preempt_check: bool = False) -> None:
-        if self.running is not None and not (preempt_check and self._idle_worker()):
+        free = self._slot_free()
+        if not free and not (preempt_check and self._idle_worker()):
             return
-        if self.running is None and not self.table.ready:
+        if free and not self._waiting():
             return
-        if self.running is None and self._dispatch_planned():
+        if free and self._dispatch_planned():
             return
         inst = self._scheduler_usable()
         if inst is None:
@@ -834,19 +871,19 @@ class Kernel:
             if self.pick_late:  # the scheduler is stalled: dispatching does not wait for it
                 self._fallback_decide()
             return
-        self._ask(inst, self.running)
+        self._ask(inst, () if free else self._least_urgent_first())
 
-    def _ask(self, inst: Instance, pick_for: str | None, limit: int = 1) -> None:
-        """Send the one outstanding PickNext: what runs now (``pick_for`` None, up to
-        ``limit`` decisions), or does anything preempt ``pick_for``."""
-        running = self.table.ready[pick_for].job if pick_for else None
-        self.pick_for = pick_for
+    def _ask(self, inst: Instance, about: list[Job] | tuple = (), limit: int = 1) -> None:
+        """Send the one outstanding PickNext: what runs now (``about`` empty, up to
+        ``limit`` decisions), or does anything preempt one of the running jobs ``about``."""
+        self.pick_for = tuple(job.id for job in about)
         self.pick_req = self.next_req()
         self.pick_sent = time.monotonic()
         self.pick_late = False
-        self.pick_open = True  # if the slot frees before the answer, the wait is deliberation
+        self.pick_open = True  # if a slot frees before the answer, the wait is deliberation
         self._send(inst, protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
-                                          now=self.pick_sent, running=running, limit=limit), Lane.HIGH)
+                                          now=self.pick_sent, running=about[0] if about else None,
+                                          others=list(about[1:]), limit=limit), Lane.HIGH)
 
     def _pick_closed(self) -> None:
         """The pick stops holding dispatching back (answered, late, or its scheduler
@@ -857,40 +894,40 @@ class Kernel:
 
     def _fallback_decide(self) -> None:
         self.counters["fallback_decisions"] += 1
-        if self.running is None:
-            job = self.table.fallback_pick()
-            if job is not None:
-                self._dispatch(job.id)
-            return
-        candidate = self.table.fallback_pick(running=self.running)
-        current = self.table.ready[self.running].job
-        if candidate is not None and fallback_key(candidate) < fallback_key(current) and self._idle_worker():
-            self._preempt(candidate.id)
+        while self._slot_free():
+            job = self.table.fallback_pick(exclude=self.running)
+            if job is None:
+                return
+            self._dispatch(job.id)
+            if job.id not in self.running:  # no worker free for it
+                return
+        candidate = self.table.fallback_pick(exclude=self.running)
+        victim = self._least_urgent_first()[0]
+        if (candidate is not None and fallback_key(candidate) < fallback_key(victim)
+                and self._can_start(self.table.ready[candidate.id])):
+            self._preempt(victim.id, candidate.id)
 
-    def _apply_decision(self, job_id: str | None, asked_about: str | None) -> None:
-        """Act on the scheduler's answer to the question asked while ``asked_about``
-        was running (None: "what runs now?"; a job: "does anything preempt it?")."""
+    def _apply_decision(self, job_id: str | None, victim: str | None) -> None:
+        """Act on the scheduler's answer: to "what runs now?" (``victim`` None), or to
+        "does anything preempt?", answered with the running job ``job_id`` displaces."""
         record = self.table.ready.get(job_id) if job_id else None
-        valid = record is not None and job_id != self.running
-        if self.running is None:
-            if valid:
-                self._dispatch(job_id)
-                if self.running != job_id:  # no worker free for it: the scheduler gets it back
-                    self._give_back(record, "decisions_stale")
-            elif asked_about is not None:
-                self._want_decision()  # the running job finished meanwhile: ask the right question
-            elif self.table.ready:
+        if record is None or job_id in self.running:
+            if victim is None and self._slot_free() and self._waiting():
                 # Work-conserving: a ready job never waits because the scheduler said
                 # something the kernel cannot do.
                 self.counters["decisions_overruled"] += 1
                 self._fallback_decide()
-        elif valid:
-            if self.running == asked_about and self._idle_worker():
-                self._preempt(job_id)
-            else:
-                # The scheduler took ``job_id`` off its queue for a decision that no
-                # longer applies (the fallback dispatched meanwhile): give it back.
-                self._give_back(record, "decisions_stale")
+            return  # a "does anything preempt" answered no, or about a job gone since
+        if victim in self.running and self._can_start(record):
+            # The plugin put ``victim`` back on its queue: it must come off the CPU, even
+            # if a slot freed meanwhile (that slot is asked for next).
+            self._preempt(victim, job_id)
+        elif self._slot_free():
+            self._dispatch(job_id)
+        if job_id not in self.running:
+            # The scheduler took ``job_id`` off its queue for a decision that no longer
+            # applies (no worker for it, or the fallback filled the slots): give it back.
+            self._give_back(record, "decisions_stale")
 
     def _give_back(self, record, counter: str) -> None:
         """A job the scheduler took off its queue but that did not start (or stopped):
@@ -923,7 +960,7 @@ class Kernel:
             record.worker, record.started, inst.job, inst.paused = inst.peer, now, job_id, 0.0
             self._send(inst, protocol.RunJob(job=record.job, action=self.table.tasks[record.job.task].task.action
                                              if record.job.task in self.table.tasks else "noop"), Lane.HIGH)
-        self.running = job_id
+        self.running.add(job_id)
         self.counters["dispatched"] += 1
         if self.last_dispatch is not None:
             self.intervals.append((now, now - self.last_dispatch))
@@ -932,7 +969,8 @@ class Kernel:
             gap = now - self.wait_start
             self.gaps.append((now, gap, max(0.0, gap - self.wait_decided)))
             self.max_gap = max(self.max_gap, gap)
-            self.wait_start = None
+        # Another job still waiting for another free slot starts a wait of its own.
+        self.wait_start = now if self._slot_free() and self._waiting() else None
         self.wait_decided = 0.0
         if self.options.dispatch_batch > 1:
             self._ask_ahead()
@@ -943,7 +981,7 @@ class Kernel:
             record = self.table.ready.get(self.planned.popleft())
             if record is not None and record.worker is None:
                 self._dispatch(record.job.id)
-                if self.running != record.job.id:  # no worker free: it stays first in line
+                if record.job.id not in self.running:  # no worker free: it stays first in line
                     self.planned.appendleft(record.job.id)
                     return False
                 self.counters["planned_starts"] += 1
@@ -953,10 +991,10 @@ class Kernel:
     def _ask_ahead(self) -> None:
         """While a job runs, ask for the next batch, so that it is decided by the time
         the slot frees."""
-        if self.running is not None and not self.planned and self.pick_req is None and len(self.table.ready) > 1:
+        if self.running and not self.planned and self.pick_req is None and len(self.table.ready) > 1:
             inst = self._scheduler_usable()
             if inst is not None:
-                self._ask(inst, None, self.options.dispatch_batch)
+                self._ask(inst, (), self.options.dispatch_batch)
 
     def _return_planned(self) -> None:
         """Give queued decisions back to the scheduler (a preemption reorders what
@@ -966,24 +1004,23 @@ class Kernel:
             if record is not None and record.worker is None:
                 self._give_back(record, "decisions_returned")
 
-    def _preempt(self, job_id: str) -> None:
+    def _preempt(self, victim: str, job_id: str) -> None:
         self._return_planned()
-        current = self.table.ready[self.running]
-        inst = self.instances.get(current.worker)
+        inst = self.instances.get(self.table.ready[victim].worker)
         if inst is not None:
             processes.kill(inst.child, signal.SIGSTOP)
             inst.stopped = True
             inst.stopped_at = time.monotonic()
         self.counters["preemptions"] += 1
-        self.running = None
+        self.running.discard(victim)
         self.wait_start = time.monotonic()
         self._dispatch(job_id)
 
     def truth_state(self) -> SchedulerState:
         """The scheduler state the kernel can vouch for: every task, every ready job
-        (including a preempted one, excluding the running one and those in the dispatch
+        (including a preempted one, excluding the running ones and those in the dispatch
         queue: their decision is made) in fallback order."""
-        decided = {self.running, *self.planned}
+        decided = {*self.running, *self.planned}
         ready = sorted((r.job for r in self.table.ready.values() if r.job.id not in decided), key=fallback_key)
         return SchedulerState(kind="kernel", tasks=[r.task for r in self.table.tasks.values()], ready=ready)
 
@@ -1013,8 +1050,8 @@ class Kernel:
             if record is not None:
                 record.worker = record.started = None
                 self._give_back(record, "redispatched")
-            if self.running == inst.job:
-                self.running = None
+            if inst.job in self.running:
+                self.running.discard(inst.job)
                 self._mark_waiting(time.monotonic())
 
     def _forget(self, inst: Instance) -> Future:
@@ -1115,7 +1152,8 @@ class Kernel:
                        "machine": platform.machine()},
             "services": services,
             "lanes": lanes,
-            "tasks": {"count": len(self.table.tasks), "ready": len(self.table.ready), "running": self.running,
+            "tasks": {"count": len(self.table.tasks), "ready": len(self.table.ready), "running": sorted(self.running),
+                      "slots": self.options.slots,
                       **totals, "dispatch_gap_max_ms": round(self.max_gap * 1000, 3),
                       "dispatch_gap_recent_max_ms": round(max((g for g, _ in recent), default=0) * 1000, 3),
                       "dispatch_stall_recent_max_ms": round(max((s for _, s in recent), default=0) * 1000, 3),

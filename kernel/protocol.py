@@ -70,6 +70,7 @@ class Picked(_M, tag="picked"):
     job_id: str | None
     applied_seq: int
     more: Annotated[list[str], msgspec.Meta(max_length=64)] = []  # a batch: the jobs to start after job_id, in order
+    preempts: str | None = None  # the running job job_id displaces (PickNext.running or one of .others)
 
 
 class Exported(_M, tag="exported"):
@@ -274,6 +275,9 @@ class PickNext(_M, tag="pick"):
     req: int
     now: float
     running: Job | None = None
+    # Several dispatch slots: the other running jobs, asked about in turn after
+    # ``running`` (least urgent first by the kernel's order); Picked.preempts says which.
+    others: Annotated[list[Job], msgspec.Meta(max_length=64)] = []
     # With ``running`` None: decide up to ``limit`` jobs, in the order they start (the
     # kernel's dispatch queue, see kernel/core.py); answered in Picked.job_id and .more.
     limit: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import math
 from collections import Counter, deque
+from collections.abc import Collection
 from dataclasses import dataclass, field
 
 from lugh_sdk.api.types import Job, Task
@@ -180,9 +181,10 @@ class TaskTable:
                 oldest[r.job.task] = r.job.release
         return oldest
 
-    def fallback_pick(self, running: str | None = None) -> Job | None:
-        """The ready job the fallback policy would run (queued or preempted)."""
-        return min((r.job for r in self.ready.values() if r.job.id != running), key=fallback_key, default=None)
+    def fallback_pick(self, exclude: Collection[str] = ()) -> Job | None:
+        """The ready job the fallback policy would run (queued or preempted), leaving
+        out ``exclude`` (the running jobs)."""
+        return min((r.job for r in self.ready.values() if r.job.id not in exclude), key=fallback_key, default=None)
 
     def finish(self, job_id: str, now: float, ok: bool) -> JobRecord | None:
         record = self.ready.pop(job_id, None)

@@ -59,6 +59,8 @@ def _print_json(data) -> None:
 def up(
     detach: bool = typer.Option(False, "--detach", "-d", help="Return once every service is healthy."),
     workload: str = typer.Option("grid", help="Tasks at first boot: 'grid' (the energy-grid demo) or 'none'."),
+    slots: int = typer.Option(1, help="Jobs running at once (dispatch slots; global scheduling over that many CPUs)."),
+    workers: int = typer.Option(3, help="Worker processes; more than --slots, so that preemption finds one idle."),
     home: Optional[Path] = HomeOpt,
     target: str = TargetOpt,
 ):
@@ -67,12 +69,15 @@ def up(
 
     if workload not in ("grid", "none"):
         raise typer.BadParameter("workload must be 'grid' or 'none'")
+    if target != "local" and (slots, workers) != (1, 3):
+        raise typer.BadParameter("--slots and --workers apply to the local target only (a guest's kernel boots "
+                                 "with the defaults)")
     if target != "local":  # a QEMU target boots its VM; returns once its kernel is healthy
         from lugh_sdk import targets
 
         views.print_status(targets.up(_home(home), target, workload=workload))
         return
-    status = runtime.up(_home(home), workload=workload)
+    status = runtime.up(_home(home), workload=workload, workers=workers, kernel_args=["--slots", str(slots)])
     views.print_status(status)
     if detach:
         return

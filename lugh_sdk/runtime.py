@@ -66,7 +66,7 @@ def up(home: Path, *, workload: str = "grid", heartbeat: float = 0.1, workers: i
         while time.monotonic() < deadline:
             code = proc.poll()
             if code is not None:
-                if code == 2:
+                if code == paths.EXIT_ALREADY_RUNNING:
                     raise AlreadyRunning(f"a kernel is already running for {home}; nothing changed")
                 raise LughError(f"the kernel exited during boot (status {code}):\n"
                                 + _tail(run / "kernel.log"))

@@ -3,14 +3,23 @@ are accounted, preempted under a preemptive scheduler, and write through storage
 
 from __future__ import annotations
 
+import os
+import subprocess
+import sys
 import time
 
 import msgspec
+import pluggy
 import pytest
 
-from conftest import running_kernel
+import lugh_sdk.api.scheduler
+from conftest import processes_of, running_kernel
 from kernel import protocol
-from lugh_sdk.api.types import Task
+from kernel.core import Options
+from kernel.services import scheduler as scheduler_service
+from kernel.services.loop import Stream
+from lugh_sdk.api.queues import KeyedScheduler
+from lugh_sdk.api.types import Job, Task
 from lugh_sdk.client import LughError
 
 
@@ -173,3 +182,69 @@ def test_dispatch_queue_starts_decided_jobs_without_asking_and_still_preempts(ho
         assert t["released"] == t["completed"] + t["ready"]  # nothing lost
         rows = {r["name"]: r for r in k.request(protocol.TaskListReq())["tasks"]}
         assert all(rows[f"n{i}"]["completed"] >= 3 and rows[f"n{i}"]["failed"] == 0 for i in range(4))
+
+
+class _ByPriority(KeyedScheduler):
+    """The priority plugin's order (a larger number first), not the kernel's (deadline)."""
+
+    KIND = "by-priority"
+
+    @staticmethod
+    def urgency(job):
+        return -job.priority
+
+
+def test_with_several_slots_the_scheduler_service_asks_about_each_running_job_in_turn():
+    """The kernel names the running jobs least urgent first by its own order (latest
+    deadline first). A priority plugin ranks them otherwise: the service asks it about
+    each in turn and the first job it would stop gives up its slot."""
+    pm = pluggy.PluginManager("lugh")
+    pm.add_hookspecs(lugh_sdk.api.scheduler)
+    pm.register(_ByPriority())
+    server = scheduler_service.Server(pm.hook, Stream(), None)
+    for name in ("a", "b", "c"):
+        server.handle(protocol.TaskAdded(seq=0, task=Task(name=name, period_ms=100, deadline_ms=100, budget_ms=1)))
+    late_important = Job(id="a#1", task="a", release=0.0, deadline=0.09, priority=9)
+    early_minor = Job(id="b#1", task="b", release=0.0, deadline=0.05, priority=1)
+    middle = Job(id="c#1", task="c", release=0.01, deadline=0.1, priority=5)
+    server.handle(protocol.JobReleased(seq=0, job=middle))
+    answer = server.handle(protocol.PickNext(through=0, req=7, now=0.01, running=late_important,
+                                             others=[early_minor]))
+    assert (answer.req, answer.job_id, answer.preempts) == (7, "c#1", "b#1")
+    # The stopped job is back on the plugin's queue; asked again, nothing preempts.
+    again = server.handle(protocol.PickNext(through=0, req=8, now=0.01, running=late_important, others=[middle]))
+    assert (again.job_id, again.preempts) == (None, None)
+    assert server.handle(protocol.PickNext(through=0, req=9, now=0.01)).job_id == "b#1"
+
+
+def test_slots_must_fit_the_workers_and_exclude_the_dispatch_queue(home):
+    refused = subprocess.run([sys.executable, "-m", "lugh_sdk", "up", "--detach", "--workload", "none", "--slots", "4"],
+                             capture_output=True, text=True, timeout=120, env={**os.environ, "LUGH_HOME": str(home)})
+    # The kernel's usage error, not "already running" (argparse's exit status was that one's).
+    assert refused.returncode != 0 and "slots must be between 1 and the number of workers (3), not 4" in refused.stderr
+    assert processes_of(home) == []
+    with pytest.raises(ValueError, match="between 1 and the number of workers"):
+        Options(workers=2, slots=3)
+    with pytest.raises(ValueError, match="needs a single slot"):
+        Options(workers=4, slots=2, dispatch_batch=8)
+    assert Options(workers=3, slots=2).slots == 2
+
+
+def test_two_slots_run_two_jobs_at_once_and_still_preempt(home):
+    """``--slots 2``: two 30 ms jobs every 50 ms are 1.2 CPUs of work, more than one slot
+    can run; with two they run side by side on two workers. An urgent release while both
+    slots are busy preempts one of them, and nothing is lost."""
+    with running_kernel(home, workload="none", workers=4, kernel_args=["--slots", "2"]) as k:
+        swap = k.request(protocol.SwapReq(service="scheduler", plugin="edf"), timeout=120)
+        assert swap["committed"], swap
+        add(k, name="left", period_ms=50, budget_ms=30, action="spin:30")
+        add(k, name="right", period_ms=50, deadline_ms=45, budget_ms=30, action="spin:30")
+        add(k, name="urgent", period_ms=7, deadline_ms=3, budget_ms=1, action="noop")
+        st = k.wait_for(lambda s: s["counters"].get("preemptions", 0) >= 3 and s["counters"].get("resumed", 0) >= 3
+                        and s["tasks"]["completed"] >= 60, what="preemptions, resumptions and 60 jobs")
+        assert st["tasks"]["slots"] == 2
+        # Both slots busy most of the time: a status read soon sees two jobs running.
+        k.wait_for(lambda s: len(s["tasks"]["running"]) == 2, what="two jobs running at once")
+        t = k.status()["tasks"]
+        assert len(t["running"]) <= 2
+        assert t["released"] == t["completed"] + t["ready"] and t["failed"] == 0  # nothing lost

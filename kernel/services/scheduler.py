@@ -20,11 +20,20 @@ class Server:
         hook = self.hook
         try:
             if isinstance(msg, protocol.PickNext):
-                job_id = hook.sched_pick_next(now=msg.now, running=msg.running)
+                if msg.running is not None:
+                    # Does anything preempt one of the running jobs? The plugin answers
+                    # about one at a time; the first it would stop gives up its slot.
+                    for running in (msg.running, *msg.others):
+                        job_id = hook.sched_pick_next(now=msg.now, running=running)
+                        if job_id is not None:
+                            return protocol.Picked(req=msg.req, job_id=job_id, preempts=running.id,
+                                                   applied_seq=self.stream.applied)
+                    return protocol.Picked(req=msg.req, job_id=None, applied_seq=self.stream.applied)
+                job_id = hook.sched_pick_next(now=msg.now, running=None)
                 more = []
                 # A batch: the plugin's next picks with no event in between are the order
                 # in which it would start those jobs; one message carries them all.
-                while job_id is not None and msg.running is None and len(more) < msg.limit - 1:
+                while job_id is not None and len(more) < msg.limit - 1:
                     following = hook.sched_pick_next(now=msg.now, running=None)
                     if following is None:
                         break

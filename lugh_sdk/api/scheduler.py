@@ -47,6 +47,11 @@ def sched_pick_next(now: float, running: Job | None) -> str | None:
     With ``running`` set (a job was just released while ``running`` executes): return
     the id of a ready job that must preempt it, taking that job off the queue and
     putting ``running`` back on it; or None to let ``running`` continue.
+
+    A kernel with several dispatch slots (``--slots``) runs several jobs at once: it may
+    ask with ``running`` None again before the last job returned completes, and may ask
+    about each running job in turn until one is preempted. Answer about the one job
+    named; a None answer must leave the queue as it was.
     """
 
 
