@@ -245,6 +245,11 @@ def test_two_slots_run_two_jobs_at_once_and_still_preempt(home):
         assert st["tasks"]["slots"] == 2
         # Both slots busy most of the time: a status read soon sees two jobs running.
         k.wait_for(lambda s: len(s["tasks"]["running"]) == 2, what="two jobs running at once")
-        t = k.status()["tasks"]
+        # A live swap with both slots busy: the new scheduler takes over every job not
+        # running (the kernel's truth leaves out both running ones), and none is lost.
+        swap = k.request(protocol.SwapReq(service="scheduler", plugin="priority"), timeout=120)
+        assert swap["committed"] and swap["jobs_lost"] == 0, swap
+        done = k.status()["tasks"]["completed"]
+        t = k.wait_for(lambda s: s["tasks"]["completed"] >= done + 30, what="30 more jobs after the swap")["tasks"]
         assert len(t["running"]) <= 2
         assert t["released"] == t["completed"] + t["ready"] and t["failed"] == 0  # nothing lost
