@@ -25,12 +25,18 @@ restarting, stalled past ``PICK_TIMEOUT``) the kernel's fallback policy (EDF, se
 
 Dispatch queue (``Options.dispatch_batch`` > 1, as sched_ext's local dispatch queues):
 the scheduler decides up to that many jobs in one answer, and the kernel asks for the
-next batch while a job runs, so a job starts without a scheduler round trip on the
-critical path. Decided jobs are committed: they start in the scheduler's order, and a
-job released meanwhile waits behind at most ``dispatch_batch - 1`` of them, unless it
-preempts the running job (every release is still put to the scheduler); a preemption
-gives the queued decisions back. With 1 (the default) every start is asked for. The
-dispatch queue needs a single slot (its committed order is one slot's order).
+next batch while a job runs. Decided jobs go at once to the running job's worker, which
+keeps them in its deck (its inbound socket: a batch of RunJobs in one NNG message) and
+starts each the moment the one before it ends, with no kernel round trip; the worker
+reports the completions of short jobs together, each with the instant it finished
+(``JobDone.finished``), so the kernel handles a deck in one pass. Decided jobs are
+committed: they start in the scheduler's order, and a job released meanwhile waits
+behind at most ``2 x dispatch_batch - 1`` of them (the next batch is asked for while
+fewer than ``dispatch_batch`` wait in the deck), unless it preempts the running job
+(every release is still put to the scheduler). A preemption stops the worker with its
+deck, which continues after the preempted job when that one is resumed. With 1 (the
+default) every start is asked for. The dispatch queue needs a single slot (its
+committed order is one slot's order).
 
 With several slots, a release while every slot is busy asks about the running jobs
 least urgent first by the kernel's own order (latest deadline); the scheduler service
@@ -123,6 +129,7 @@ class Instance:
     lost: int = 0
     errors: int = 0
     job: str | None = None  # workers: the job it holds (running or preempted)
+    deck: collections.deque = field(default_factory=collections.deque)  # workers: jobs sent to start after ``job``
     stopped: bool = False   # workers: SIGSTOPped (preempted)
     ready_future: Future = field(default_factory=Future)
     # supervision (kernel/supervisor.py)
@@ -225,7 +232,7 @@ class Kernel:
         self.pick_dirty = False
         self.pick_late = False  # the pick is past PICK_TIMEOUT: the fallback decides until it is answered
         self.pick_for: tuple[str, ...] = ()  # the running jobs the pick asks about (none: "what runs now")
-        self.planned: collections.deque = collections.deque()  # decided by the scheduler, not started, in order
+        self.decked: set[str] = set()  # decided, sent to a worker's deck, not started (Instance.deck)
         self.fallback_only = False  # set while a swap has quiesced the scheduler
         self.swapping: str | None = None  # id of the swap in progress
         self.swap_marks = (0.0, {}, 0)
@@ -637,12 +644,13 @@ class Kernel:
         self.pick_req = None
         dispatched = self.counters["dispatched"]
         if not self.pick_for and self.running and self.options.dispatch_batch > 1:
-            if msg.job_id is not None:  # asked ahead while a job runs: the batch waits its turn
-                self.planned.extend([msg.job_id, *msg.more])
+            if msg.job_id is not None:  # asked ahead while a job runs: the batch joins the deck
+                self._deck([msg.job_id, *msg.more])
         else:
             victim = (msg.preempts if msg.preempts in self.pick_for else self.pick_for[0]) if self.pick_for else None
             self._apply_decision(msg.job_id, victim)
-            self.planned.extend(msg.more)
+            if msg.more:
+                self._deck(msg.more)
         # Ask again: for what was released while the question was out (it may preempt),
         # or for the next free slot after a start.
         dirty, self.pick_dirty = self.pick_dirty, False
@@ -664,23 +672,27 @@ class Kernel:
             self.counters["unexpected_messages"] += 1
             return
         now = time.monotonic()
+        finished = min(now, msg.finished) if msg.finished else now  # a deck's completions arrive together
         inst.job = None
         self.sup.mark(inst)  # a sign of life: a worker does not heartbeat while it runs a job
-        if inst.stopped:
+        record = self.table.finish(msg.job_id, finished, msg.ok)
+        was_running = msg.job_id in self.running
+        self.running.discard(msg.job_id)
+        if record is not None:
+            self._stream("scheduler", protocol.JobCompleted(seq=0, job=record.job))
+        if inst.deck:
+            self._next_from_deck(inst, finished, was_running and not inst.stopped)
+        elif inst.stopped:
             # It finished just before the kernel stopped it to preempt (the JobDone was
             # in flight): wake it, it holds nothing.
             processes.kill(inst.child, signal.SIGCONT)
             inst.stopped = False
-        record = self.table.finish(msg.job_id, now, msg.ok)
-        self.running.discard(msg.job_id)
-        if record is not None:
-            self._stream("scheduler", protocol.JobCompleted(seq=0, job=record.job))
-        if self._waiting():
+        if self._slot_free() and self._waiting():
             self._mark_waiting(now)
         self._want_decision()
-        if record is not None and now > record.job.deadline:  # after the next question: the monitor can wait
+        if record is not None and finished > record.job.deadline:  # after the next question: the monitor can wait
             self._event("monitor", "deadline_miss", job=record.job.id, task=record.job.task,
-                        late_ms=round((now - record.job.deadline) * 1000, 3))
+                        late_ms=round((finished - record.job.deadline) * 1000, 3))
 
     def _on_kv(self, inst, msg, lane):
         if isinstance(msg, protocol.KvAdmin):
@@ -837,7 +849,7 @@ class Kernel:
 
     def _waiting(self) -> bool:
         """A ready job is off the CPU (queued, or preempted): there is something to start."""
-        return len(self.table.ready) > len(self.running)
+        return len(self.table.ready) > len(self.running) + len(self.decked)
 
     def _least_urgent_first(self) -> list[Job]:
         """The running jobs, the one a preemption would stop first (latest deadline) first."""
@@ -859,8 +871,6 @@ class Kernel:
         if not free and not (preempt_check and self._idle_worker()):
             return
         if free and not self._waiting():
-            return
-        if free and self._dispatch_planned():
             return
         inst = self._scheduler_usable()
         if inst is None:
@@ -895,13 +905,13 @@ class Kernel:
     def _fallback_decide(self) -> None:
         self.counters["fallback_decisions"] += 1
         while self._slot_free():
-            job = self.table.fallback_pick(exclude=self.running)
+            job = self.table.fallback_pick(exclude=self.running | self.decked)
             if job is None:
                 return
             self._dispatch(job.id)
             if job.id not in self.running:  # no worker free for it
                 return
-        candidate = self.table.fallback_pick(exclude=self.running)
+        candidate = self.table.fallback_pick(exclude=self.running | self.decked)
         victim = self._least_urgent_first()[0]
         if (candidate is not None and fallback_key(candidate) < fallback_key(victim)
                 and self._can_start(self.table.ready[candidate.id])):
@@ -911,7 +921,7 @@ class Kernel:
         """Act on the scheduler's answer: to "what runs now?" (``victim`` None), or to
         "does anything preempt?", answered with the running job ``job_id`` displaces."""
         record = self.table.ready.get(job_id) if job_id else None
-        if record is None or job_id in self.running:
+        if record is None or job_id in self.running or job_id in self.decked:
             if victim is None and self._slot_free() and self._waiting():
                 # Work-conserving: a ready job never waits because the scheduler said
                 # something the kernel cannot do.
@@ -958,14 +968,22 @@ class Kernel:
             if inst is None:
                 return
             record.worker, record.started, inst.job, inst.paused = inst.peer, now, job_id, 0.0
-            self._send(inst, protocol.RunJob(job=record.job, action=self.table.tasks[record.job.task].task.action
-                                             if record.job.task in self.table.tasks else "noop"), Lane.HIGH)
+            self._send(inst, self._run_job(record), Lane.HIGH)
+        self._started(job_id, now, waited=True)
+
+    def _run_job(self, record: JobRecord) -> protocol.RunJob:
+        task = self.table.tasks.get(record.job.task)
+        return protocol.RunJob(job=record.job, action=task.task.action if task else "noop")
+
+    def _started(self, job_id: str, now: float, waited: bool) -> None:
+        """``job_id`` holds a slot from ``now`` (``waited``: the slot was free and a job
+        waited for it, a dispatch gap; a deck's next job follows without one)."""
         self.running.add(job_id)
         self.counters["dispatched"] += 1
         if self.last_dispatch is not None:
             self.intervals.append((now, now - self.last_dispatch))
         self.last_dispatch = now
-        if self.wait_start is not None:
+        if waited and self.wait_start is not None:
             gap = now - self.wait_start
             self.gaps.append((now, gap, max(0.0, gap - self.wait_decided)))
             self.max_gap = max(self.max_gap, gap)
@@ -975,37 +993,54 @@ class Kernel:
         if self.options.dispatch_batch > 1:
             self._ask_ahead()
 
-    def _dispatch_planned(self) -> bool:
-        """Start the next decided job still waiting (the fallback may have run some)."""
-        while self.planned:
-            record = self.table.ready.get(self.planned.popleft())
-            if record is not None and record.worker is None:
-                self._dispatch(record.job.id)
-                if record.job.id not in self.running:  # no worker free: it stays first in line
-                    self.planned.appendleft(record.job.id)
-                    return False
-                self.counters["planned_starts"] += 1
-                return True
-        return False
-
     def _ask_ahead(self) -> None:
         """While a job runs, ask for the next batch, so that it is decided by the time
         the slot frees."""
-        if self.running and not self.planned and self.pick_req is None and len(self.table.ready) > 1:
+        worker = self._running_worker()
+        if (worker is not None and len(worker.deck) < self.options.dispatch_batch and self.pick_req is None
+                and self._waiting()):
             inst = self._scheduler_usable()
             if inst is not None:
                 self._ask(inst, (), self.options.dispatch_batch)
 
-    def _return_planned(self) -> None:
-        """Give queued decisions back to the scheduler (a preemption reorders what
-        runs next: the preempted job comes before them)."""
-        while self.planned:
-            record = self.table.ready.get(self.planned.popleft())
-            if record is not None and record.worker is None:
-                self._give_back(record, "decisions_returned")
+    def _running_worker(self) -> Instance | None:
+        """The worker of the running job (the dispatch queue runs one slot)."""
+        job_id = next(iter(self.running), None)
+        return self.instances.get(self.table.ready[job_id].worker) if job_id is not None else None
+
+    def _deck(self, job_ids: list[str]) -> None:
+        """Send decided jobs to the running job's worker, to start after it in this order."""
+        inst = self._running_worker()
+        for job_id in job_ids:
+            record = self.table.ready.get(job_id)
+            if record is None or job_id in self.running or job_id in self.decked:
+                continue  # finished or decided meanwhile (the fallback)
+            if inst is None or record.worker is not None:
+                # No slot to queue behind, or a preempted job (a resume, not a start):
+                # the scheduler keeps it.
+                self._give_back(record, "decisions_stale")
+                continue
+            record.worker = inst.peer
+            inst.deck.append(job_id)
+            self.decked.add(job_id)
+            self._send(inst, self._run_job(record), Lane.HIGH)
+        self._ask_ahead()
+
+    def _next_from_deck(self, inst: Instance, at: float, runs: bool) -> None:
+        """The worker started the next job of its deck at ``at`` (when the last ended)."""
+        job_id = inst.deck.popleft()
+        self.decked.discard(job_id)
+        record = self.table.ready[job_id]
+        record.started, inst.job, inst.paused = at, job_id, 0.0
+        self.counters["deck_starts"] += 1
+        if runs:
+            self._started(job_id, at, waited=False)
+        else:
+            # Its worker is stopped (preempted while the JobDone was in flight): this job
+            # is the one preempted now, and the scheduler decides when it continues.
+            self._give_back(record, "decisions_returned")
 
     def _preempt(self, victim: str, job_id: str) -> None:
-        self._return_planned()
         inst = self.instances.get(self.table.ready[victim].worker)
         if inst is not None:
             processes.kill(inst.child, signal.SIGSTOP)
@@ -1018,9 +1053,9 @@ class Kernel:
 
     def truth_state(self) -> SchedulerState:
         """The scheduler state the kernel can vouch for: every task, every ready job
-        (including a preempted one, excluding the running ones and those in the dispatch
-        queue: their decision is made) in fallback order."""
-        decided = {*self.running, *self.planned}
+        (including a preempted one, excluding the running ones and those in a worker's
+        deck: their decision is made) in fallback order."""
+        decided = {*self.running, *self.decked}
         ready = sorted((r.job for r in self.table.ready.values() if r.job.id not in decided), key=fallback_key)
         return SchedulerState(kind="kernel", tasks=[r.task for r in self.table.tasks.values()], ready=ready)
 
@@ -1053,6 +1088,13 @@ class Kernel:
             if inst.job in self.running:
                 self.running.discard(inst.job)
                 self._mark_waiting(time.monotonic())
+        for job_id in inst.deck:  # decided, never started: the scheduler decides again
+            self.decked.discard(job_id)
+            record = self.table.ready.get(job_id)
+            if record is not None:
+                record.worker = None
+                self._give_back(record, "redispatched")
+        inst.deck.clear()
 
     def _forget(self, inst: Instance) -> Future:
         self.instances.pop(inst.peer, None)
@@ -1133,6 +1175,8 @@ class Kernel:
                 "stream_seq": service.seq, "applied_seq": inst.applied if inst else 0,
                 "replay_backlog": len(service.replay), "lost": (inst.lost if inst else 0) + service.replay_lost,
                 "plugin_errors": inst.errors if inst else 0,
+                **({"job": inst.job if inst else None, "deck": len(inst.deck) if inst else 0}
+                   if service.kind == "worker" else {}),
                 **self.sup.service_status(service),  # incarnation, failures, safe mode, standby, policy
             })
         lanes = {}

@@ -168,6 +168,11 @@ class PeerLink:
                 return False
         return True
 
+    def holding(self) -> bool:
+        """More of a HIGH batch is here, not handled yet: answers kept now can wait for
+        the rest and leave with theirs in one send."""
+        return bool(self._unpacked[Lane.HIGH])
+
     def recv(self, timeout: float | None) -> tuple[Lane, object] | None:
         """The next message, HIGH first; None when ``timeout`` seconds pass."""
         deadline = None if timeout is None else time.monotonic() + timeout

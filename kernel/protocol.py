@@ -97,6 +97,7 @@ class JobDone(_M, tag="jobdone"):
     job_id: str
     ok: bool
     error: str = ""
+    finished: float = 0.0  # the worker's time.monotonic() at the end (0: unknown, the kernel's receipt)
 
 
 class KvPut(_M, tag="kvput"):

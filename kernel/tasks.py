@@ -118,13 +118,13 @@ class TaskTable:
         self._next_release = None
 
     def remove(self, name: str) -> list[JobRecord]:
-        """Remove a task; its queued jobs go, a running one finishes (returned jobs are
-        those dropped)."""
+        """Remove a task; its queued jobs go, one on a worker (running, preempted, or in
+        a worker's deck, already sent) finishes (returned jobs are those dropped)."""
         if name not in self.tasks:
             raise KeyError(name)
         del self.tasks[name]
         self._next_release = None
-        dropped = [r for r in self.ready.values() if r.job.task == name and r.started is None]
+        dropped = [r for r in self.ready.values() if r.job.task == name and r.worker is None]
         for record in dropped:
             del self.ready[record.job.id]
             self.backlog[name] -= 1

@@ -61,6 +61,8 @@ def up(
     workload: str = typer.Option("grid", help="Tasks at first boot: 'grid' (the energy-grid demo) or 'none'."),
     slots: int = typer.Option(1, help="Jobs running at once (dispatch slots; global scheduling over that many CPUs)."),
     workers: int = typer.Option(3, help="Worker processes; more than --slots, so that preemption finds one idle."),
+    dispatch_batch: int = typer.Option(1, help="Scheduler decisions per answer, sent ahead to the worker's deck "
+                                              "(1-64; a throughput mode, single slot: docs/architecture.md)."),
     home: Optional[Path] = HomeOpt,
     target: str = TargetOpt,
 ):
@@ -69,15 +71,16 @@ def up(
 
     if workload not in ("grid", "none"):
         raise typer.BadParameter("workload must be 'grid' or 'none'")
-    if target != "local" and (slots, workers) != (1, 3):
-        raise typer.BadParameter("--slots and --workers apply to the local target only (a guest's kernel boots "
-                                 "with the defaults)")
+    if target != "local" and (slots, workers, dispatch_batch) != (1, 3, 1):
+        raise typer.BadParameter("--slots, --workers and --dispatch-batch apply to the local target only (a guest's "
+                                 "kernel boots with the defaults)")
     if target != "local":  # a QEMU target boots its VM; returns once its kernel is healthy
         from lugh_sdk import targets
 
         views.print_status(targets.up(_home(home), target, workload=workload))
         return
-    status = runtime.up(_home(home), workload=workload, workers=workers, kernel_args=["--slots", str(slots)])
+    status = runtime.up(_home(home), workload=workload, workers=workers,
+                        kernel_args=["--slots", str(slots), "--dispatch-batch", str(dispatch_batch)])
     views.print_status(status)
     if detach:
         return

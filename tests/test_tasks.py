@@ -4,6 +4,7 @@ are accounted, preempted under a preemptive scheduler, and write through storage
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -14,8 +15,10 @@ import pytest
 
 import lugh_sdk.api.scheduler
 from conftest import processes_of, running_kernel
-from kernel import protocol
+from kernel import ipc, paths, protocol
 from kernel.core import Options
+from kernel.protocol import Lane
+from kernel.tasks import TaskTable
 from kernel.services import scheduler as scheduler_service
 from kernel.services.loop import Stream
 from lugh_sdk.api.queues import KeyedScheduler
@@ -166,7 +169,7 @@ def test_release_and_start_lags_are_counted_per_job_in_cumulative_buckets():
 def test_dispatch_queue_starts_decided_jobs_without_asking_and_still_preempts(home):
     """``--dispatch-batch 8``: the scheduler answers with several decisions at once and
     the kernel asks for the next batch while a job runs, so jobs start from the kernel's
-    dispatch queue (``planned_starts``) without a round trip. Every job is still
+    dispatch queue (``deck_starts``) without a round trip. Every job is still
     accounted (none lost) and a more important release still preempts the running job."""
     with running_kernel(home, kernel_args=["--dispatch-batch", "8"]) as k:
         swap = k.request(protocol.SwapReq(service="scheduler", plugin="priority"), timeout=120)
@@ -175,13 +178,18 @@ def test_dispatch_queue_starts_decided_jobs_without_asking_and_still_preempts(ho
             add(k, name=f"n{i}", period_ms=20, action="noop", priority=5)
         add(k, name="long", period_ms=100, budget_ms=40, action="spin:40", priority=1)
         add(k, name="urgent", period_ms=7, deadline_ms=7, budget_ms=1, action="noop", priority=200)
-        st = k.wait_for(lambda s: s["counters"].get("planned_starts", 0) >= 20
+        st = k.wait_for(lambda s: s["counters"].get("deck_starts", 0) >= 20
                         and s["counters"].get("preemptions", 0) >= 3 and s["counters"].get("resumed", 0) >= 3,
                         what="starts from the dispatch queue, preemptions and resumptions")
         t = st["tasks"]
         assert t["released"] == t["completed"] + t["ready"]  # nothing lost
         rows = {r["name"]: r for r in k.request(protocol.TaskListReq())["tasks"]}
         assert all(rows[f"n{i}"]["completed"] >= 3 and rows[f"n{i}"]["failed"] == 0 for i in range(4))
+        # Removing tasks drops their queued jobs; those already in a worker's deck finish.
+        dropped = sum(k.request(protocol.TaskRemoveReq(name=f"n{i}"))["queued_jobs_dropped"] for i in range(4))
+        done = k.status()["tasks"]["completed"]
+        t = k.wait_for(lambda s: s["tasks"]["completed"] >= done + 20, what="more jobs after the removals")["tasks"]
+        assert t["released"] == t["completed"] + t["ready"] + dropped
 
 
 class _ByPriority(KeyedScheduler):
@@ -253,3 +261,100 @@ def test_two_slots_run_two_jobs_at_once_and_still_preempt(home):
         t = k.wait_for(lambda s: s["tasks"]["completed"] >= done + 30, what="30 more jobs after the swap")["tasks"]
         assert len(t["running"]) <= 2
         assert t["released"] == t["completed"] + t["ready"] and t["failed"] == 0  # nothing lost
+
+
+def test_a_worker_runs_its_deck_and_reports_short_jobs_together(home):
+    """Unit level, a real worker process and real sockets (the kernel's side played by
+    an inbox and an outbox): RunJobs sent ahead in one batch run in order; completions
+    of a task known to be short leave together in one message, each with its own finish
+    instant; those before a job not known to be short leave before it runs."""
+    run = paths.run_dir(home)
+    inbox, outbox = ipc.Inbox(run), ipc.Outbox(run, "w9")
+    env = dict(os.environ, LUGH_RUN_DIR=str(run), LUGH_PARENT_PID=str(os.getpid()))
+    worker = subprocess.Popen([sys.executable, "-m", "kernel.services.worker", "--peer", "w9", "--heartbeat", "60"],
+                              env=env, stdin=subprocess.DEVNULL)
+
+    def messages(count: int) -> list[list]:
+        """The next ``count`` NNG messages from the worker that carry a JobDone, unpacked."""
+        out, deadline = [], time.monotonic() + 30
+        while len(out) < count and time.monotonic() < deadline:
+            raw = inbox.recv(Lane.HIGH)
+            if raw is None:
+                time.sleep(0.001)
+                continue
+            items = protocol.unpack(raw.bytes)[0]
+            if any(isinstance(m, protocol.JobDone) for m in items):
+                out.append(items)
+        return out
+
+    def deck(*jobs) -> None:
+        outbox.send(protocol.encode(protocol.Ping(req=1)), Lane.HIGH)  # leaves alone; the jobs wait for the flush
+        for job_id, action in jobs:
+            job = Job(id=job_id, task=job_id.split("#")[0], release=0.0, deadline=1e9)
+            outbox.send(protocol.encode(protocol.RunJob(job=job, action=action)), Lane.HIGH)
+        assert outbox.flush()
+
+    try:
+        deck(("a#1", "noop"), ("a#2", "noop"), ("a#3", "noop"))
+        [together] = messages(1)
+        assert [m.job_id for m in together] == ["a#1", "a#2", "a#3"] and all(m.ok for m in together)
+        assert 0 < together[0].finished <= together[1].finished <= together[2].finished <= time.monotonic()
+        # b has not run here yet: a#4's completion does not wait for it; a#5 (a is short) waits for b's.
+        deck(("a#4", "noop"), ("b#1", "spin:20"), ("a#5", "noop"))
+        first, second = messages(2)
+        assert [m.job_id for m in first] == ["a#4"] and [m.job_id for m in second] == ["b#1", "a#5"]
+        assert second[0].finished - first[0].finished >= 0.02  # b spun 20 ms of CPU in between
+        outbox.send(protocol.encode(protocol.Stop()), Lane.HIGH)
+        assert worker.wait(timeout=30) == 0
+    finally:
+        if worker.poll() is None:
+            worker.kill()
+            worker.wait()
+        outbox.close()
+        inbox.close()
+
+
+def test_a_worker_killed_with_a_deck_gives_its_decided_jobs_back(home):
+    """``--dispatch-batch 8`` under a load the kernel cannot keep up with: the running
+    job's worker holds a deck of decided jobs. Frozen, then SIGKILLed: what it held, its
+    job and its deck, goes back to the scheduler (``redispatched``), the worker restarts,
+    and no job is lost."""
+    with running_kernel(home, kernel_args=["--dispatch-batch", "8"]) as k:
+        for i in range(10):
+            add(k, name=f"n{i}", period_ms=2, budget_ms=0.05, action="noop")
+        k.wait_for(lambda s: s["counters"].get("deck_starts", 0) >= 50, what="starts from a deck")
+        held = None
+        for _ in range(50):
+            holder = next((w for w in k.status()["services"] if w["kind"] == "worker" and w["deck"] > 0), None)
+            if holder is None:
+                time.sleep(0.02)
+                continue
+            os.kill(holder["pid"], signal.SIGSTOP)
+            time.sleep(0.2)  # what it finished before the stop has reached the kernel: its view is the worker's
+            st = k.status()
+            held = next(w for w in st["services"] if w["name"] == holder["name"])
+            if held["pid"] == holder["pid"] and held["job"] is not None:
+                break
+            os.kill(holder["pid"], signal.SIGCONT)
+            held = None
+        assert held is not None, "no worker held a deck"
+        expected = st["counters"].get("redispatched", 0) + 1 + held["deck"]
+        os.kill(held["pid"], signal.SIGKILL)
+        after = k.wait_for(lambda s: s["counters"].get("redispatched", 0) >= expected
+                           and next(w for w in s["services"] if w["name"] == held["name"])["pid"]
+                           not in (None, held["pid"]), what="the jobs given back and the worker back")
+        done = after["tasks"]["completed"]
+        t = k.wait_for(lambda s: s["tasks"]["completed"] >= done + 200, what="200 more jobs")["tasks"]
+        assert t["released"] == t["completed"] + t["ready"] and t["failed"] == 0  # nothing lost
+
+
+def test_removing_a_task_keeps_its_jobs_already_sent_to_a_worker():
+    """A job in a worker's deck (sent, not started) runs whatever the table says: the
+    table keeps it, as it keeps a running job, so that its completion is accounted."""
+    table = TaskTable()
+    table.add(Task(name="t", period_ms=10, deadline_ms=10, budget_ms=1), now=0.0)
+    queued, decked = table.release_due(0.015)
+    table.ready[decked.id].worker = "w0-1"
+    assert [r.job.id for r in table.remove("t")] == [queued.id]
+    assert list(table.ready) == [decked.id]
+    assert table.finish(decked.id, 0.02, ok=True) is not None and table.totals.completed == 1

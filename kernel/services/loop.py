@@ -140,7 +140,7 @@ def serve(link: PeerLink, server, stream: Stream, heartbeat_period: float) -> No
         else:
             wake = next_beat
         wait = 0 if not idle else max(0.0, min(wake - now, GAP_WAIT / 10 if reorder.parked else wake - now))
-        if not link.flush():  # answers the kernel's socket could not take yet: soon again
+        if not link.holding() and not link.flush():  # answers the kernel's socket could not take yet: soon again
             wait = min(wait, KEPT_RETRY)
         item = reorder.ready() or link.recv(wait)
         if item is None:
