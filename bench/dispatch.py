@@ -11,7 +11,7 @@ each window.
 
 Two kernels are compared: ``--dispatch-batch 1`` (the default: the scheduler is asked
 for every start) and ``--batch`` (the dispatch queue: decisions in batches, asked for
-while a job runs; docs/architecture.md). They run side by side and are loaded in turn,
+while a job runs and sent ahead to the worker's deck; docs/architecture.md). They run side by side and are loaded in turn,
 ``--rounds`` windows each, so that a change of the machine's load weighs on both alike.
 
 Beside it, in the same run: bare pynng Req0/Rep0 round trips per second over
@@ -24,7 +24,7 @@ Goal (the performance issue): >= 5000 jobs/s, no job lost (in each window, every
 released was completed or is still ready). ``jobs_per_s`` is the better kernel's,
 named by ``dispatch_batch``; ``runs`` has both.
 
-    python bench/dispatch.py [--seconds 6] [--rounds 3] [--tasks 40] [--period-ms 4] [--batch 8] [--quick] [--json]
+    python bench/dispatch.py [--seconds 6] [--rounds 3] [--tasks 40] [--period-ms 4] [--batch 32] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -104,7 +104,8 @@ def main() -> int:
     parser.add_argument("--period-ms", type=float, default=4.0, help="their period (default 4)")
     parser.add_argument("--settle-s", type=float, default=1.0, help="run time before measuring (default 1)")
     parser.add_argument("--count", type=int, default=5000, help="bare round trips (default 5000)")
-    parser.add_argument("--batch", type=int, default=8, help="the batched row's --dispatch-batch (default 8)")
+    parser.add_argument("--batch", type=int, default=32, choices=range(2, 65), metavar="2..64",
+                        help="the batched row's --dispatch-batch (default 32)")
     args = parser.parse_args()
     if args.quick:  # 3 s per kernel, 2000 bare round trips; the same offered rate from fewer tasks (quicker to add)
         args.seconds, args.rounds, args.count, args.settle_s = 3.0, 2, 2000, 0.5
