@@ -24,7 +24,7 @@ Goal (the performance issue): >= 5000 jobs/s, no job lost (in each window, every
 released was completed or is still ready). ``jobs_per_s`` is the better kernel's,
 named by ``dispatch_batch``; ``runs`` has both.
 
-    python bench/dispatch.py [--seconds 6] [--rounds 3] [--tasks 40] [--period-ms 4] [--batch 32] [--quick] [--json]
+    python bench/dispatch.py [--seconds 6] [--rounds 3] [--tasks 80] [--period-ms 4] [--batch 64] [--quick] [--json]
 """
 
 from __future__ import annotations
@@ -100,12 +100,12 @@ def main() -> int:
     parser = arguments(__doc__.splitlines()[0])
     parser.add_argument("--seconds", type=float, default=6.0, help="measured time per kernel (default 6)")
     parser.add_argument("--rounds", type=int, default=3, help="windows per kernel, taken in turn (default 3)")
-    parser.add_argument("--tasks", type=int, default=40, help="no-op tasks (default 40)")
+    parser.add_argument("--tasks", type=int, default=80, help="no-op tasks (default 80)")
     parser.add_argument("--period-ms", type=float, default=4.0, help="their period (default 4)")
     parser.add_argument("--settle-s", type=float, default=1.0, help="run time before measuring (default 1)")
     parser.add_argument("--count", type=int, default=5000, help="bare round trips (default 5000)")
-    parser.add_argument("--batch", type=int, default=32, choices=range(2, 65), metavar="2..64",
-                        help="the batched row's --dispatch-batch (default 32)")
+    parser.add_argument("--batch", type=int, default=64, choices=range(2, 65), metavar="2..64",
+                        help="the batched row's --dispatch-batch (default 64, the most the kernel takes)")
     args = parser.parse_args()
     if args.quick:  # 3 s per kernel, 2000 bare round trips; the same offered rate from fewer tasks (quicker to add)
         args.seconds, args.rounds, args.count, args.settle_s = 3.0, 2, 2000, 0.5
