@@ -1131,9 +1131,10 @@ class Kernel:
                 self.counters["pick_timeouts"] += 1
                 self._pick_closed()
                 self.pick_late = self.pick_dirty = True
-                saved, self.pick_req = self.pick_req, None
+                # With the late pick still outstanding: nothing may ask again meanwhile
+                # (the dispatch queue's ask-ahead did, and each new question restarted
+                # the ejection clock, so a hung scheduler was never ejected).
                 self._fallback_decide()
-                self.pick_req = saved
         if now < self.sup.wake_at and now < self.watch_at:
             return
         # The rest looks at every process: every WATCH_PERIOD, or sooner when the

@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import boot, install_fixture_plugin, pids_alive, processes_of
+from conftest import boot, down_and_check, install_fixture_plugin, pids_alive, processes_of
 from kernel import protocol, swap as kswap
 from kernel.tasks import MAX_BACKLOG
 from lugh_sdk import runtime
@@ -256,6 +256,34 @@ def test_a_scheduler_that_stops_answering_is_ejected_and_restarted(busy):
     assert max(ready for _, _, ready in samples) < len(TASKS) * MAX_BACKLOG, samples
     completes(busy)
     assert_no_job_lost(busy.status())
+
+
+def test_a_hung_scheduler_is_ejected_also_with_the_dispatch_queue(home):
+    """``--dispatch-batch 8``: the scheduler process stopped (a hang, as `lugh chaos`
+    injects it). The fallback's starts used to ask the next batch ahead while the pick
+    was late, each question restarting the ejection clock: the hung scheduler stayed
+    for good. It is ejected and restarted, and no job is lost."""
+    running = boot(home, kernel_args=["--dispatch-batch", "8"])
+    pids = running.pids()
+    try:
+        for task in TASKS:
+            running.request(protocol.TaskAddReq(task=task))
+        completes(running)
+        before = running.status()
+        first = scheduler_of(before)
+        os.kill(first["pid"], signal.SIGSTOP)
+        st = running.wait_for(lambda st: st["counters"].get("scheduler_ejected", 0) >= 1
+                              and scheduler_of(st)["state"] == "up" and scheduler_of(st)["pid"] != first["pid"],
+                              timeout=60, what="the hung scheduler ejected and restarted")
+        assert "ejected" in scheduler_of(st)["last_failure"]
+        # One question went late and stayed outstanding until the ejection (one more may
+        # have been late before the stop, on a loaded machine); the bug asked anew dozens
+        # of times a second.
+        assert st["counters"]["pick_timeouts"] - before["counters"].get("pick_timeouts", 0) <= 2, st["counters"]
+        completes(running)
+        assert_no_job_lost(running.status())
+    finally:
+        down_and_check(running, pids)
 
 
 # --------------------------------------------------------------------------- crash mid-swap
