@@ -258,3 +258,36 @@ def test_hundreds_of_faults_on_the_grid_workload_lose_nothing(home):
     while processes_of(home) and time.monotonic() < deadline:
         time.sleep(0.05)
     assert processes_of(home) == [] and pids_alive(pids) == [], "processes left behind"
+
+
+@pytest.mark.parametrize("options", [
+    pytest.param({"kernel_args": ["--dispatch-batch", "8"]}, id="dispatch-queue"),
+    pytest.param({"kernel_args": ["--slots", "2"], "workers": 5}, id="two-slots"),
+])
+def test_faults_lose_no_job_with_the_dispatch_queue_or_two_slots(home, options):
+    """A shorter run of the same faults on the kernel's other dispatch modes: decks of
+    decided jobs at the workers, or two jobs at once. (`lugh chaos` on the dispatch
+    queue found a hung scheduler never ejected: tests/test_swap.py has that case.) Every
+    fault recovers and every job released is completed or still ready."""
+    supervision.write(home, defaults={"stable_s": 2.0})
+    k = boot(home, workload="grid", **options)
+    pids = k.pids()
+    try:
+        k.wait_for(lambda st: st["tasks"]["completed"] > 200 and settled(st), what="the grid workload to run")
+        workers = [s["name"] for s in k.status()["services"] if s["kind"] == "worker"]
+        report = chaos.run(home, duration=30.0, seed=SEED, rate=2.0, recover_timeout=90, client=k.client)
+        summary = report["summary"]
+        odd = [(f["n"], f["service"], f["kind"], f["outcome"], f["detail"]) for f in report["faults"]
+               if f["outcome"] != "recovered"]
+        assert summary["injected"] >= 40 and summary["recovered"] == summary["injected"], odd
+        assert {"scheduler", *workers} <= set(summary["by_service"]), summary
+        st = k.wait_for(settled, timeout=60, what="the backlog to drain")
+        assert st["tasks"]["released"] == st["tasks"]["completed"] + st["tasks"]["ready"], st["tasks"]
+        assert st["tasks"]["failed"] == 0
+    finally:
+        k.client.close()
+        runtime.down(home)
+    deadline = time.monotonic() + 15
+    while processes_of(home) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert processes_of(home) == [] and pids_alive(pids) == [], "processes left behind"
