@@ -17,7 +17,7 @@ import time
 
 import pytest
 
-from conftest import boot, pids_alive, processes_of
+from conftest import boot, down_and_check, pids_alive, processes_of
 from kernel import protocol, supervision
 from lugh_sdk import chaos, runtime
 from lugh_sdk.client import attach, detach
@@ -285,9 +285,4 @@ def test_faults_lose_no_job_with_the_dispatch_queue_or_two_slots(home, options):
         assert st["tasks"]["released"] == st["tasks"]["completed"] + st["tasks"]["ready"], st["tasks"]
         assert st["tasks"]["failed"] == 0
     finally:
-        k.client.close()
-        runtime.down(home)
-    deadline = time.monotonic() + 15
-    while processes_of(home) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    assert processes_of(home) == [] and pids_alive(pids) == [], "processes left behind"
+        down_and_check(k, pids)
