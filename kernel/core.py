@@ -838,7 +838,9 @@ class Kernel:
             free = self._slot_free()
             if free:
                 self._mark_waiting(now)
-            self._want_decision(preempt_check=not free)
+            busy = self._busy_tasks() if not free else ()
+            # A job whose task is on a worker cannot preempt anything: no question for it.
+            self._want_decision(preempt_check=not free and any(job.task not in busy for job in jobs))
 
     def _mark_waiting(self, now: float) -> None:
         if self.wait_start is None:
@@ -854,6 +856,18 @@ class Kernel:
     def _least_urgent_first(self) -> list[Job]:
         """The running jobs, the one a preemption would stop first (latest deadline) first."""
         return sorted((self.table.ready[j].job for j in self.running), key=fallback_key, reverse=True)
+
+    def _on_workers(self) -> list[Job]:
+        """The jobs a worker holds, running or preempted."""
+        return [self.table.ready[i.job].job for i in self.instances.values() if i.job in self.table.ready]
+
+    def _busy_tasks(self) -> set[str]:
+        """With several slots, the tasks whose next job must wait: one of theirs is on a
+        worker. A task's jobs run one after the other (one slot cannot do otherwise)."""
+        return {job.task for job in self._on_workers()} if self.options.slots > 1 else set()
+
+    def _waits_for_its_task(self, record: JobRecord) -> bool:
+        return record.worker is None and record.job.task in self._busy_tasks()
 
     def _can_start(self, record: JobRecord) -> bool:
         """A worker for it: its own (preempted, stopped) or an idle one."""
@@ -893,7 +907,9 @@ class Kernel:
         self.pick_open = True  # if a slot frees before the answer, the wait is deliberation
         self._send(inst, protocol.PickNext(through=self.services["scheduler"].seq, req=self.pick_req,
                                           now=self.pick_sent, running=about[0] if about else None,
-                                          others=list(about[1:]), limit=limit), Lane.HIGH)
+                                          others=list(about[1:]), limit=limit,
+                                          on_workers=self._on_workers() if self.options.slots > 1 else []),
+                   Lane.HIGH)
 
     def _pick_closed(self) -> None:
         """The pick stops holding dispatching back (answered, late, or its scheduler
@@ -905,13 +921,13 @@ class Kernel:
     def _fallback_decide(self) -> None:
         self.counters["fallback_decisions"] += 1
         while self._slot_free():
-            job = self.table.fallback_pick(exclude=self.running | self.decked)
+            job = self.table.fallback_pick(exclude=self.running | self.decked, busy=self._busy_tasks())
             if job is None:
                 return
             self._dispatch(job.id)
             if job.id not in self.running:  # no worker free for it
                 return
-        candidate = self.table.fallback_pick(exclude=self.running | self.decked)
+        candidate = self.table.fallback_pick(exclude=self.running | self.decked, busy=self._busy_tasks())
         victim = self._least_urgent_first()[0]
         if (candidate is not None and fallback_key(candidate) < fallback_key(victim)
                 and self._can_start(self.table.ready[candidate.id])):
@@ -922,12 +938,21 @@ class Kernel:
         "does anything preempt?", answered with the running job ``job_id`` displaces."""
         record = self.table.ready.get(job_id) if job_id else None
         if record is None or job_id in self.running or job_id in self.decked:
-            if victim is None and self._slot_free() and self._waiting():
-                # Work-conserving: a ready job never waits because the scheduler said
-                # something the kernel cannot do.
+            if (victim is None and self._slot_free() and self._waiting() and self.table.fallback_pick(
+                    exclude=self.running | self.decked, busy=self._busy_tasks()) is not None):
+                # Work-conserving: a ready job that may start never waits because the
+                # scheduler said something the kernel cannot do.
                 self.counters["decisions_overruled"] += 1
                 self._fallback_decide()
             return  # a "does anything preempt" answered no, or about a job gone since
+        if self._waits_for_its_task(record):
+            # Another job of its task is on a worker (it started meanwhile). The plugin
+            # gets it back; if it stopped a running job for it, that job is back on its
+            # queue while it runs: the kernel's truth puts the plugin right.
+            self._give_back(record, "decisions_refused")
+            if victim is not None and (inst := self._scheduler_usable()) is not None:
+                self._sync_scheduler(inst)
+            return
         if victim in self.running and self._can_start(record):
             # The plugin put ``victim`` back on its queue: it must come off the CPU, even
             # if a slot freed meanwhile (that slot is asked for next).

@@ -279,6 +279,9 @@ class PickNext(_M, tag="pick"):
     # Several dispatch slots: the other running jobs, asked about in turn after
     # ``running`` (least urgent first by the kernel's order); Picked.preempts says which.
     others: Annotated[list[Job], msgspec.Meta(max_length=64)] = []
+    # Several dispatch slots: the jobs on a worker (running or preempted). A job whose
+    # task has another one among them does not start now (a task's jobs run in order).
+    on_workers: Annotated[list[Job], msgspec.Meta(max_length=1024)] = []
     # With ``running`` None: decide up to ``limit`` jobs, in the order they start (the
     # kernel's dispatch queue, see kernel/core.py); answered in Picked.job_id and .more.
     limit: Annotated[int, msgspec.Meta(ge=1, le=64)] = 1

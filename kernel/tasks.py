@@ -181,10 +181,13 @@ class TaskTable:
                 oldest[r.job.task] = r.job.release
         return oldest
 
-    def fallback_pick(self, exclude: Collection[str] = ()) -> Job | None:
+    def fallback_pick(self, exclude: Collection[str] = (), busy: Collection[str] = ()) -> Job | None:
         """The ready job the fallback policy would run (queued or preempted), leaving
-        out ``exclude`` (the running jobs)."""
-        return min((r.job for r in self.ready.values() if r.job.id not in exclude), key=fallback_key, default=None)
+        out ``exclude`` (the running jobs) and the queued jobs of the ``busy`` tasks
+        (another of their jobs is on a worker)."""
+        return min((r.job for r in self.ready.values()
+                    if r.job.id not in exclude and (r.worker is not None or r.job.task not in busy)),
+                   key=fallback_key, default=None)
 
     def finish(self, job_id: str, now: float, ok: bool) -> JobRecord | None:
         record = self.ready.pop(job_id, None)

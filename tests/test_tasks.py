@@ -225,6 +225,29 @@ def test_with_several_slots_the_scheduler_service_asks_about_each_running_job_in
     assert server.handle(protocol.PickNext(through=0, req=9, now=0.01)).job_id == "b#1"
 
 
+def test_with_several_slots_a_job_waits_while_another_of_its_task_is_on_a_worker():
+    """The service skips the plugin's picks whose task has a job on a worker and gives
+    them back in order; a preempted job of that task (itself on a worker) may resume."""
+    pm = pluggy.PluginManager("lugh")
+    pm.add_hookspecs(lugh_sdk.api.scheduler)
+    pm.register(_ByPriority())
+    server = scheduler_service.Server(pm.hook, Stream(), None)
+    for name in ("a", "b"):
+        server.handle(protocol.TaskAdded(seq=0, task=Task(name=name, period_ms=100, deadline_ms=100, budget_ms=1)))
+    running = Job(id="a#0", task="a", release=0.0, deadline=0.1, priority=9)
+    queued = [Job(id="a#1", task="a", release=0.1, deadline=0.2, priority=9),
+              Job(id="a#2", task="a", release=0.2, deadline=0.3, priority=8),
+              Job(id="b#1", task="b", release=0.0, deadline=0.1, priority=5)]
+    for job in queued:
+        server.handle(protocol.JobReleased(seq=0, job=job))
+    answer = server.handle(protocol.PickNext(through=0, req=1, now=0.2, on_workers=[running]))
+    assert answer.job_id == "b#1"
+    assert server.handle(protocol.PickNext(through=0, req=2, now=0.2, on_workers=[running])).job_id is None
+    # a#1 is itself on a worker (preempted): it is the task's own job, it may resume.
+    assert server.handle(protocol.PickNext(through=0, req=3, now=0.2, on_workers=[queued[0]])).job_id == "a#1"
+    assert server.handle(protocol.PickNext(through=0, req=4, now=0.2)).job_id == "a#2"  # a#1 is off the queue
+
+
 def test_slots_must_fit_the_workers_and_exclude_the_dispatch_queue(home):
     refused = subprocess.run([sys.executable, "-m", "lugh_sdk", "up", "--detach", "--workload", "none", "--slots", "4"],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "LUGH_HOME": str(home)})
@@ -359,3 +382,22 @@ def test_removing_a_task_keeps_its_jobs_already_sent_to_a_worker():
     assert [r.job.id for r in table.remove("t")] == [queued.id]
     assert list(table.ready) == [decked.id]
     assert table.finish(decked.id, 0.02, ok=True) is not None and table.totals.completed == 1
+
+
+def test_two_slots_never_run_two_jobs_of_one_task_at_once(home):
+    """A task that has fallen behind (its jobs run longer than its period) keeps one job
+    on a worker at a time; the other slot runs the other task's jobs."""
+    with running_kernel(home, workload="none", workers=4, kernel_args=["--slots", "2"]) as k:
+        add(k, name="behind", period_ms=20, budget_ms=15, action="spin:30")
+        add(k, name="light", period_ms=10, budget_ms=1, action="noop")
+        seen = []
+        deadline = time.monotonic() + 60
+        while len(seen) < 60 and time.monotonic() < deadline:
+            st = k.status()
+            seen.append([job for job in st["tasks"]["running"] if job.startswith("behind#")])
+            time.sleep(0.05)
+        assert len(seen) == 60 and all(len(jobs) <= 1 for jobs in seen), seen
+        rows = {r["name"]: r for r in k.request(protocol.TaskListReq())["tasks"]}
+        assert rows["behind"]["completed"] >= 5 and rows["light"]["completed"] >= 50, rows
+        t = k.status()["tasks"]
+        assert t["released"] == t["completed"] + t["ready"] and t["failed"] == 0

@@ -8,13 +8,39 @@ events the answer accounts for.
 from __future__ import annotations
 
 from kernel import protocol
+from lugh_sdk.api.types import Job
 from kernel.services.loop import report_error
+
+
+MAX_SKIPPED = 256
 
 
 class Server:
     def __init__(self, hook, stream, args):
         self.hook = hook
         self.stream = stream
+        # The jobs released and not completed, by id: a pick skipped because its task
+        # has a job on a worker is put back with its Job (several dispatch slots).
+        self.jobs: dict[str, Job] = {}
+
+    def _pick_startable(self, msg) -> str | None:
+        """The plugin's next pick that may start now: with several slots, a job whose
+        task already has another job on a worker waits for it (a task's jobs run one
+        after the other); the picks skipped go back to the plugin, in order."""
+        on_workers = {job.id for job in msg.on_workers}
+        busy = {job.task for job in msg.on_workers}
+        skipped = []
+        job_id = self.hook.sched_pick_next(now=msg.now, running=None)
+        while (job_id is not None and job_id not in on_workers and job_id in self.jobs
+               and self.jobs[job_id].task in busy and len(skipped) < MAX_SKIPPED):
+            skipped.append(job_id)
+            job_id = self.hook.sched_pick_next(now=msg.now, running=None)
+        if len(skipped) == MAX_SKIPPED and job_id is not None:
+            skipped.append(job_id)  # none startable this far down: nothing now
+            job_id = None
+        for waiting in skipped:
+            self.hook.sched_job_released(job=self.jobs[waiting])
+        return job_id
 
     def handle(self, msg):
         hook = self.hook
@@ -29,7 +55,7 @@ class Server:
                             return protocol.Picked(req=msg.req, job_id=job_id, preempts=running.id,
                                                    applied_seq=self.stream.applied)
                     return protocol.Picked(req=msg.req, job_id=None, applied_seq=self.stream.applied)
-                job_id = hook.sched_pick_next(now=msg.now, running=None)
+                job_id = self._pick_startable(msg) if msg.on_workers else hook.sched_pick_next(now=msg.now, running=None)
                 more = []
                 # A batch: the plugin's next picks with no event in between are the order
                 # in which it would start those jobs; one message carries them all.
@@ -40,18 +66,22 @@ class Server:
                     more.append(following)
                 return protocol.Picked(req=msg.req, job_id=job_id, applied_seq=self.stream.applied, more=more)
             if isinstance(msg, protocol.JobReleased):
+                self.jobs[msg.job.id] = msg.job
                 hook.sched_job_released(job=msg.job)
             elif isinstance(msg, protocol.JobCompleted):
+                self.jobs.pop(msg.job.id, None)
                 hook.sched_job_completed(job=msg.job)
             elif isinstance(msg, protocol.TaskAdded):
                 hook.sched_task_added(task=msg.task)
             elif isinstance(msg, protocol.TaskRemoved):
+                self.jobs = {k: job for k, job in self.jobs.items() if job.task != msg.name}
                 hook.sched_task_removed(name=msg.name)
             elif isinstance(msg, protocol.ExportState):
                 return protocol.Exported(req=msg.req, state=hook.sched_export_state(),
                                          applied_seq=self.stream.applied)
             elif isinstance(msg, protocol.ImportState):
                 hook.sched_import_state(state=msg.state)
+                self.jobs = {job.id: job for job in msg.state.ready}
                 self.stream.applied = msg.applied_seq
                 return protocol.Done(req=msg.req, ok=True, applied_seq=self.stream.applied)
             elif isinstance(msg, protocol.HealthCheck):

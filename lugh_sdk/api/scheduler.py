@@ -51,7 +51,9 @@ def sched_pick_next(now: float, running: Job | None) -> str | None:
     A kernel with several dispatch slots (``--slots``) runs several jobs at once: it may
     ask with ``running`` None again before the last job returned completes, and may ask
     about each running job in turn until one is preempted. Answer about the one job
-    named; a None answer must leave the queue as it was.
+    named; a None answer must leave the queue as it was. A pick whose task has another
+    job on a worker is handed back at once (``sched_job_released``) and the question put
+    again: a task's jobs run one after the other.
     """
 
 
