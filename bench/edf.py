@@ -40,6 +40,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from bench._common import (arguments, emit, goal, percentile, progress, protocol, run, table,  # noqa: E402
                            temporary_kernel)
+from kernel.core import Options  # noqa: E402
 from kernel.workload import grid_tasks  # noqa: E402
 from lugh_sdk.api.types import Task  # noqa: E402
 
@@ -141,8 +142,10 @@ def main() -> int:
     timer_s = args.timer_s or (5.0 if args.quick else 10.0)
     if not 0 < args.utilisation < 1 or seconds <= 0 or timer_s <= 0:
         parser.error("--utilisation must be in (0, 1), --seconds and --timer-s positive")
-    if not 1 <= args.slots <= workers:
-        parser.error("--slots must be between 1 and --workers")
+    try:
+        Options(workers=workers, slots=args.slots)  # the kernel's own check, before the timer baseline runs
+    except ValueError as exc:
+        parser.error(str(exc))
     tasks = task_set(args.utilisation)
 
     progress(f"bare timer: selector wake-ups at the {len(tasks)} tasks' releases for {timer_s:g} s")

@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 import os
+from pathlib import Path
 
 # The exit status of a kernel that found the run directory's lock taken (another kernel
 # serves this home). Not 2: argparse exits 2 on a usage error.
 EXIT_ALREADY_RUNNING = 3
-from pathlib import Path
 
 _SOCKET_PATH_MAX = 100  # sun_path is 108 bytes; leave room for the longest socket name
 

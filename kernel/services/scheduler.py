@@ -8,11 +8,10 @@ events the answer accounts for.
 from __future__ import annotations
 
 from kernel import protocol
-from lugh_sdk.api.types import Job
 from kernel.services.loop import report_error
+from lugh_sdk.api.types import Job
 
-
-MAX_SKIPPED = 256
+MAX_SKIPPED = 256  # picks of busy tasks passed over in one decision, at most
 
 
 class Server:
