@@ -17,7 +17,7 @@ from pathlib import Path
 
 import msgspec
 
-from kernel import control, paths
+from kernel import control, paths, realtime
 from kernel.core import Kernel, Options
 from kernel.workload import grid_tasks
 from lugh_sdk.api.types import Task
@@ -44,12 +44,16 @@ def main(argv: list[str] | None = None) -> int:
                              "leave room for preemption)")
     parser.add_argument("--no-spare", dest="spare", action="store_false",
                         help="no pre-imported spare host: every restart starts a new interpreter")
+    parser.add_argument("--rt-priority", type=int, default=Options.rt_priority,
+                        help="SCHED_FIFO priority of the kernel (its scheduler service runs one below); "
+                             "0: the normal policy (kernel/realtime.py)")
     parser.add_argument("--listen", default=None, help="also serve control on tls+tcp://HOST:PORT (kernel/remote.py)")
     parser.add_argument("--tls-dir", type=Path, default=None, help="ca.pem, server.pem, server.key for --listen")
     args = parser.parse_args(argv)
     try:
         options = Options(heartbeat=args.heartbeat, workers=args.workers, memory_budget=args.memory_budget,
-                          dispatch_batch=args.dispatch_batch, slots=args.slots, spare=args.spare)
+                          dispatch_batch=args.dispatch_batch, slots=args.slots, spare=args.spare,
+                          rt_priority=args.rt_priority)
     except ValueError as exc:
         parser.error(str(exc))
     home = args.home.resolve()
@@ -61,6 +65,9 @@ def main(argv: list[str] | None = None) -> int:
         print(f"a kernel is already running for {home}", file=sys.stderr)
         return paths.EXIT_ALREADY_RUNNING
     paths.clear_stale(run_dir)
+    # First, before any socket: NNG's threads, started at the first one, inherit the policy.
+    if options.rt_priority and (refused := realtime.apply(0, options.rt_priority)):
+        print(f"kernel: running at the normal CPU policy: {refused}", file=sys.stderr, flush=True)
     kernel = Kernel(home, run_dir, options)
     stop = lambda *_: kernel.call(setattr, kernel, "stopping", True)
     signal.signal(signal.SIGTERM, stop)

@@ -67,7 +67,7 @@ from pathlib import Path
 import msgspec
 import pynng
 
-from kernel import KERNEL_VERSION, ipc, plugin_store, processes, protocol, supervisor
+from kernel import KERNEL_VERSION, ipc, plugin_store, processes, protocol, realtime, supervisor
 from kernel.background import Background
 from kernel.journal import Journal, unfinished, write_atomically
 from kernel.memory import RegionTable
@@ -105,12 +105,16 @@ class Options:
     dispatch_batch: int = 1  # decisions per scheduler answer (the dispatch queue, see above)
     slots: int = 1  # jobs running at once (see above)
     spare: bool = True  # keep a pre-imported host interpreter for restarts (kernel/processes.py, Spare)
+    rt_priority: int = realtime.DEFAULT_PRIORITY  # SCHED_FIFO for the dispatch path, 0: none (kernel/realtime.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.slots <= max(1, self.workers):  # no workers (storage-only tests): nothing dispatches
             raise ValueError(f"slots must be between 1 and the number of workers ({self.workers}), not {self.slots}")
         if self.slots > 1 and self.dispatch_batch > 1:
             raise ValueError("the dispatch queue (dispatch_batch > 1) needs a single slot")
+        if not 0 <= self.rt_priority <= realtime.MAX_PRIORITY:
+            raise ValueError(f"rt_priority must be between 0 (the normal policy) and {realtime.MAX_PRIORITY}, "
+                             f"not {self.rt_priority}")
 
 
 @dataclass
@@ -186,6 +190,10 @@ class Kernel:
         self.run_dir = run_dir
         self.state_dir = home / "state"
         self.options = options or Options()
+        # The policy this process runs under, as its entry module set it (kernel/realtime.py):
+        # the scheduler service runs one priority below it.
+        cpu = realtime.describe(0)
+        self.rt_priority = cpu["priority"] if cpu["policy"] == "fifo" else 0
         self.started = time.monotonic()
         self.journal = Journal(self.state_dir / "journal.log")
         self.table = TaskTable()
@@ -330,13 +338,18 @@ class Kernel:
         else:
             module = {"rs": "kernel.services.rs", "worker": "kernel.services.worker"}[service.kind]
         log_path, now = self.run_dir / f"{peer}.log", time.monotonic()
+        # Only the scheduler service shares the kernel's real-time policy: it is on every
+        # job start's path (kernel/realtime.py).
+        rt_priority = realtime.service_priority(self.rt_priority) if service.kind == "scheduler" else 0
         child = module == self.spare.module and self.spare.take(peer, args, env={"LUGH_TOKEN": token},
-                                                                  log_path=log_path, started=now)
+                                                                  log_path=log_path, started=now,
+                                                                  rt_priority=rt_priority)
         if child:
             self.counters["spare_taken"] += 1
         else:
             child = processes.spawn(peer, module, args, env=dict(self._child_env(), LUGH_TOKEN=token),
-                                    log_path=log_path, memory_budget=self.options.memory_budget, started=now)
+                                    log_path=log_path, memory_budget=self.options.memory_budget, started=now,
+                                    rt_priority=rt_priority)
         inst = Instance(peer=peer, service=service, child=child, outbox=outbox, token=token,
                         last_beat=time.monotonic())
         self.sup.mark(inst)
@@ -1201,6 +1214,7 @@ class Kernel:
                 "stream_seq": service.seq, "applied_seq": inst.applied if inst else 0,
                 "replay_backlog": len(service.replay), "lost": (inst.lost if inst else 0) + service.replay_lost,
                 "plugin_errors": inst.errors if inst else 0,
+                "cpu": realtime.describe(inst.child.pid) if inst and inst.child else None,
                 **({"job": inst.job if inst else None, "deck": len(inst.deck) if inst else 0}
                    if service.kind == "worker" else {}),
                 **self.sup.service_status(service),  # incarnation, failures, safe mode, standby, policy
@@ -1219,7 +1233,8 @@ class Kernel:
         return {
             "kernel": {"pid": os.getpid(), "version": KERNEL_VERSION, "uptime_s": round(now - self.started, 1),
                        "run_dir": str(self.run_dir), "home": str(self.home),
-                       "machine": platform.machine()},
+                       "machine": platform.machine(), "cpu": realtime.describe(os.getpid()),
+                       "rt_priority_asked": self.options.rt_priority},
             "services": services,
             "lanes": lanes,
             "tasks": {"count": len(self.table.tasks), "ready": len(self.table.ready), "running": sorted(self.running),

@@ -22,6 +22,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from kernel import realtime
+
 PR_SET_PDEATHSIG = 1
 SPARE_RETRY = 5.0  # after a spare died before it was taken, before the next one
 
@@ -42,10 +44,11 @@ class Child:
 
 
 def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_path: Path,
-          memory_budget: int, started: float, stdin=subprocess.DEVNULL) -> Child:
-    """Start ``python -m module args`` with its stdout/stderr in ``log_path`` and an
+          memory_budget: int, started: float, stdin=subprocess.DEVNULL, rt_priority: int = 0) -> Child:
+    """Start ``python -m module args`` with its stdout/stderr in ``log_path``, an
     address-space limit the OS enforces (RLIMIT_AS, set from here with prlimit so the
-    child cannot skip it)."""
+    child cannot skip it) and the CPU policy of ``rt_priority`` (kernel/realtime.py: 0,
+    the normal policy, unless it is the scheduler service)."""
     log = open(log_path, "ab")
     try:
         popen = subprocess.Popen(
@@ -60,6 +63,7 @@ def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_p
             resource.prlimit(popen.pid, resource.RLIMIT_AS, (memory_budget, memory_budget))
         except (ProcessLookupError, PermissionError):
             pass  # it already died: the pidfd below reports it
+    _set_policy(popen.pid, rt_priority)
     return Child(name=name, popen=popen, pidfd=os.pidfd_open(popen.pid), memory_budget=memory_budget,
                  log_path=log_path, started=started)
 
@@ -137,9 +141,10 @@ class Spare:
                 self._discard(child)
 
     def take(self, name: str, args: list[str], *, env: dict[str, str], log_path: Path,
-             started: float) -> Child | None:
+             started: float, rt_priority: int = 0) -> Child | None:
         """The waiting spare, now running ``module args`` as ``name`` (its log renamed to
-        ``log_path``); None if there is none, or it died meanwhile."""
+        ``log_path``) under the CPU policy of ``rt_priority``; None if there is none, or
+        it died meanwhile."""
         with self._lock:
             child, self.child = self.child, None
             self.due = started + self.refill_after
@@ -148,6 +153,8 @@ class Spare:
         try:
             if child.popen.poll() is not None:
                 raise BrokenPipeError
+            if rt_priority:  # before it opens a socket: NNG's threads inherit it
+                _set_policy(child.pid, rt_priority)
             child.popen.stdin.write(json.dumps({"argv": args, "env": env}).encode() + b"\n")
             child.popen.stdin.close()
         except OSError:
@@ -181,6 +188,14 @@ class Spare:
         stop(child, timeout=1.0)
         if not keep_log:
             child.log_path.unlink(missing_ok=True)
+
+
+def _set_policy(pid: int, rt_priority: int) -> None:
+    """A child inherits a real-time kernel's policy: set the one it is meant to have
+    while its interpreter is still starting, before any thread of its own exists."""
+    if rt_priority or os.sched_getscheduler(0) != os.SCHED_OTHER:
+        if (why := realtime.apply(pid, rt_priority)) and why != "the process has exited":
+            print(f"kernel: CPU policy of child {pid}: {why}", file=sys.stderr)
 
 
 def reap(child: Child) -> int | None:

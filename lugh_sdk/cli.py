@@ -63,6 +63,8 @@ def up(
     workers: int = typer.Option(3, help="Worker processes; more than --slots, so that preemption finds one idle."),
     dispatch_batch: int = typer.Option(1, help="Scheduler decisions per answer, sent ahead to the worker's deck "
                                               "(1-64; a throughput mode, single slot: docs/architecture.md)."),
+    rt_priority: int = typer.Option(20, help="SCHED_FIFO priority of the kernel, its scheduler service one below "
+                                             "(0: the normal policy; falls back to it without CAP_SYS_NICE)."),
     home: Optional[Path] = HomeOpt,
     target: str = TargetOpt,
 ):
@@ -71,16 +73,17 @@ def up(
 
     if workload not in ("grid", "none"):
         raise typer.BadParameter("workload must be 'grid' or 'none'")
-    if target != "local" and (slots, workers, dispatch_batch) != (1, 3, 1):
-        raise typer.BadParameter("--slots, --workers and --dispatch-batch apply to the local target only (a guest's "
-                                 "kernel boots with the defaults)")
+    if target != "local" and (slots, workers, dispatch_batch, rt_priority) != (1, 3, 1, 20):
+        raise typer.BadParameter("--slots, --workers, --dispatch-batch and --rt-priority apply to the local target "
+                                 "only (a guest's kernel boots with the defaults)")
     if target != "local":  # a QEMU target boots its VM; returns once its kernel is healthy
         from lugh_sdk import targets
 
         views.print_status(targets.up(_home(home), target, workload=workload))
         return
     status = runtime.up(_home(home), workload=workload, workers=workers,
-                        kernel_args=["--slots", str(slots), "--dispatch-batch", str(dispatch_batch)])
+                        kernel_args=["--slots", str(slots), "--dispatch-batch", str(dispatch_batch),
+                                     "--rt-priority", str(rt_priority)])
     views.print_status(status)
     if detach:
         return

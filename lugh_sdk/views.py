@@ -73,11 +73,24 @@ def tasks_summary(status: dict) -> Table:
     return t
 
 
+def _cpu_policy(status: dict) -> str:
+    """The dispatch path's CPU policy (kernel/realtime.py): what the kernel asked for and got."""
+    k = status["kernel"]
+    policy = lambda cpu: f"SCHED_FIFO {cpu['priority']}" if cpu["policy"] == "fifo" else f"{cpu['policy']} policy"
+    scheduler = next((s for s in status["services"] if s["kind"] == "scheduler" and s.get("cpu")), None)
+    line = f"CPU: kernel {policy(k['cpu'])}" + (f", scheduler service {policy(scheduler['cpu'])}" if scheduler else "")
+    if k["rt_priority_asked"] and k["cpu"]["policy"] != "fifo":
+        line += f" [yellow](SCHED_FIFO {k['rt_priority_asked']} was refused: the kernel's log says why)[/]"
+    return line
+
+
 def status_renderable(status: dict) -> Group:
     k = status["kernel"]
     mem = status["memory"]
     head = (f"kernel pid {k['pid']} v{k['version']}, up {k['uptime_s']:.0f}s; shared memory: {mem['regions']} regions, "
             f"{_mib(mem['region_bytes'])}, {mem['reclaimed']} reclaimed")
+    if "cpu" in k:
+        head += "\n" + _cpu_policy(status)
     return Group(head, services_table(status), lanes_table(status), tasks_summary(status))
 
 

@@ -271,7 +271,9 @@ def test_two_slots_run_two_jobs_at_once_and_still_preempt(home):
         assert swap["committed"], swap
         add(k, name="left", period_ms=100, budget_ms=15, action="spin:15")
         add(k, name="right", period_ms=100, deadline_ms=90, budget_ms=15, action="spin:15")  # released ~together
-        add(k, name="urgent", period_ms=20, deadline_ms=5, budget_ms=1, action="noop", offset_ms=3)
+        # every 7 ms: whatever the phase between the tasks (their adds take a moment each),
+        # releases fall inside each stretch where both 15 ms jobs run
+        add(k, name="urgent", period_ms=7, deadline_ms=5, budget_ms=1, action="noop")
         st = k.wait_for(lambda s: s["counters"].get("preemptions", 0) >= 3 and s["counters"].get("resumed", 0) >= 3
                         and s["tasks"]["completed"] >= 60, what="preemptions, resumptions and 60 jobs")
         assert st["tasks"]["slots"] == 2

@@ -1,0 +1,93 @@
+"""The dispatch path's CPU policy (kernel/realtime.py): the kernel and its scheduler
+service under SCHED_FIFO, every other process at the normal policy, and a clear report
+when the machine refuses it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+from conftest import processes_of, running_kernel
+from kernel import protocol, realtime
+from lugh_sdk import runtime
+from lugh_sdk.client import KernelClient
+
+# util-linux: drop CAP_SYS_NICE and any RLIMIT_RTPRIO allowance, as an unprivileged account has it
+UNPRIVILEGED = ["prlimit", "--rtprio=0", "setpriv", "--inh-caps=-sys_nice", "--bounding-set=-sys_nice"]
+
+
+def fifo_allowed() -> bool:
+    """Whether a process started from here may take SCHED_FIFO (root, CAP_SYS_NICE or RLIMIT_RTPRIO)."""
+    probe = "import os; os.sched_setscheduler(0, os.SCHED_FIFO, os.sched_param(20))"
+    return subprocess.run([sys.executable, "-c", probe], capture_output=True).returncode == 0
+
+
+def threads(pid: int) -> dict[int, dict]:
+    return {int(tid): realtime.describe(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
+
+
+def test_the_kernel_and_scheduler_run_real_time_and_nothing_else_does(home):
+    with running_kernel(home, workload="grid") as k:
+        st = k.status()
+        by_kind = {s["kind"]: s for s in st["services"]}
+        if not fifo_allowed():
+            assert st["kernel"]["cpu"]["policy"] == "other" and st["kernel"]["rt_priority_asked"] == 20
+            assert "SCHED_FIFO 20 refused" in (home / "run" / "kernel.log").read_text()
+            return
+        fifo = lambda priority: {"policy": "fifo", "priority": priority}
+        assert st["kernel"]["cpu"] == fifo(20)
+        # every thread of the kernel, NNG's own included (they carry its messages)
+        assert set(map(str, threads(st["kernel"]["pid"]).values())) == {str(fifo(20))}
+        assert by_kind["scheduler"]["cpu"] == fifo(19)
+        assert set(map(str, threads(by_kind["scheduler"]["pid"]).values())) == {str(fifo(19))}
+        others = [s for s in st["services"] if s["kind"] != "scheduler"]
+        assert {s["kind"] for s in others} >= {"rs", "storage", "monitor", "worker"}
+        for s in others:
+            assert s["cpu"]["policy"] == "other", s
+            assert {t["policy"] for t in threads(s["pid"]).values()} == {"other"}, s["name"]
+        assert realtime.describe(st["spare_pid"])["policy"] == "other"  # whatever it is taken for later
+        # A restart takes the spare: it gets the scheduler's policy before its first socket.
+        os.kill(by_kind["scheduler"]["pid"], 9)
+        st = k.wait_for(lambda s: any(x["kind"] == "scheduler" and x["state"] == "up" and x["incarnation"] == 2
+                                      for x in s["services"]), what="the scheduler restarted")
+        scheduler = next(s for s in st["services"] if s["kind"] == "scheduler")
+        assert st["counters"]["spare_taken"] >= 1
+        assert set(map(str, threads(scheduler["pid"]).values())) == {str(fifo(19))}
+
+
+def test_rt_priority_0_keeps_the_normal_policy(home):
+    with running_kernel(home, kernel_args=["--rt-priority", "0"]) as k:
+        st = k.status()
+        assert st["kernel"]["cpu"]["policy"] == "other" and st["kernel"]["rt_priority_asked"] == 0
+        assert {s["cpu"]["policy"] for s in st["services"]} == {"other"}
+
+
+@pytest.mark.skipif(not all(map(shutil.which, ("prlimit", "setpriv"))), reason="needs util-linux prlimit and setpriv")
+def test_a_refused_policy_boots_anyway_and_says_why(home):
+    env = dict(os.environ, LUGH_HOME=str(home), COLUMNS="300")  # one line per status line
+    lugh = [sys.executable, "-m", "lugh_sdk"]
+    up = subprocess.run([*UNPRIVILEGED, *lugh, "up", "--detach", "--workload", "none"], env=env,
+                        capture_output=True, text=True, timeout=60)
+    try:
+        assert up.returncode == 0, up.stderr
+        assert "SCHED_FIFO 20 was refused" in up.stdout
+        with KernelClient(home) as client:
+            st = client.request(protocol.StatusReq())
+        assert st["kernel"]["cpu"]["policy"] == "other"
+        assert all(s["state"] == "up" for s in st["services"])
+        log = (home / "run" / "kernel.log").read_text()
+        assert "running at the normal CPU policy: SCHED_FIFO 20 refused: Operation not permitted" in log
+    finally:
+        runtime.down(home)
+    assert processes_of(home) == []
+
+
+def test_bad_priorities_are_refused_before_boot(home):
+    for value in ("-1", "100"):
+        done = subprocess.run([sys.executable, "-m", "kernel", "--home", str(home), "--rt-priority", value],
+                              capture_output=True, text=True, timeout=60)
+        assert done.returncode == 2 and "rt_priority must be between 0" in done.stderr
