@@ -105,16 +105,16 @@ class Options:
     dispatch_batch: int = 1  # decisions per scheduler answer (the dispatch queue, see above)
     slots: int = 1  # jobs running at once (see above)
     spare: bool = True  # keep a pre-imported host interpreter for restarts (kernel/processes.py, Spare)
-    rt_priority: int = realtime.DEFAULT_PRIORITY  # SCHED_FIFO for the dispatch path, 0: none (kernel/realtime.py)
+    rt_priority: int = realtime.DEFAULT_PRIORITY  # SCHED_FIFO: kernel, scheduler service, workers; 0: none (kernel/realtime.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.slots <= max(1, self.workers):  # no workers (storage-only tests): nothing dispatches
             raise ValueError(f"slots must be between 1 and the number of workers ({self.workers}), not {self.slots}")
         if self.slots > 1 and self.dispatch_batch > 1:
             raise ValueError("the dispatch queue (dispatch_batch > 1) needs a single slot")
-        if not 0 <= self.rt_priority <= realtime.MAX_PRIORITY:
-            raise ValueError(f"rt_priority must be between 0 (the normal policy) and {realtime.MAX_PRIORITY}, "
-                             f"not {self.rt_priority}")
+        if self.rt_priority and not realtime.MIN_PRIORITY <= self.rt_priority <= realtime.MAX_PRIORITY:
+            raise ValueError(f"rt_priority must be 0 (the normal policy) or between {realtime.MIN_PRIORITY} and "
+                             f"{realtime.MAX_PRIORITY}, not {self.rt_priority}")
 
 
 @dataclass
@@ -338,9 +338,7 @@ class Kernel:
         else:
             module = {"rs": "kernel.services.rs", "worker": "kernel.services.worker"}[service.kind]
         log_path, now = self.run_dir / f"{peer}.log", time.monotonic()
-        # Only the scheduler service shares the kernel's real-time policy: it is on every
-        # job start's path (kernel/realtime.py).
-        rt_priority = realtime.service_priority(self.rt_priority) if service.kind == "scheduler" else 0
+        rt_priority = realtime.child_priority(self.rt_priority, service.kind)  # kernel/realtime.py
         child = module == self.spare.module and self.spare.take(peer, args, env={"LUGH_TOKEN": token},
                                                                   log_path=log_path, started=now,
                                                                   rt_priority=rt_priority)

@@ -1,27 +1,34 @@
-"""Real-time CPU scheduling for the dispatch path: the kernel and its scheduler service.
+"""Real-time CPU scheduling: the dispatch path and the jobs above everything else.
 
-Every release waits on the kernel's loop and every start on the kernel and the
-scheduler service. Under Linux's normal policy (SCHED_OTHER) they share the CPUs fairly
-with the jobs themselves and with whatever floods the lanes, so a release can wait
-milliseconds behind a worker spinning through its budget. As real-time applications on
-Linux do, the kernel runs under SCHED_FIFO: it takes a CPU from any normal task the
-moment it has work, and sleeps otherwise. The scheduler service runs one priority below
-it. Everything else stays at the normal policy: workers (the jobs' own CPU time is what
-the schedule divides among tasks, and a job spinning at a real-time priority would
-starve the monitors that watch it), storage, monitors, the reincarnation server and
-clients.
+Every release waits on the kernel's loop, every start on the kernel and the scheduler
+service, and every job on its worker. Under Linux's normal policy (SCHED_OTHER) they
+share the CPUs fairly with every other process, so a release or a start can wait
+milliseconds behind whatever else is runnable: a flood of messages, a monitor, storage.
+As real-time applications on Linux do, they run under SCHED_FIFO instead, which takes a
+CPU from any normal task the moment it has work:
+
+- the kernel at priority N (``--rt-priority``, default 20), all its threads;
+- the scheduler service at N - 1;
+- the workers at 1, the lowest real-time priority: above every normal task, below the
+  dispatch path, so the kernel and its scheduler always get the CPU from a job they are
+  about to preempt. The jobs are the real-time work; which of them runs is the kernel's
+  decision (it stops a preempted worker with SIGSTOP), not the OS's.
+
+Everything else stays at the normal policy: storage, monitors, the reincarnation server,
+the spare host, clients. A job that runs away at priority 1 is killed by the kernel
+(kernel/core.py: past max(2 s, 20 x budget)), and Linux keeps 5 % of every CPU for
+normal tasks (``/proc/sys/kernel/sched_rt_runtime_us``), so neither a job nor a kernel
+gone wrong can lock the machine up; with as many slots as CPUs, normal tasks may get
+little more than that while every slot runs a long job. The supervisor does not take a
+service starved that way for hung (it discounts run-queue waiting, kernel/supervisor.py).
 
 A thread inherits its creator's policy, and a process its parent's across fork and
 exec. So the kernel applies its policy first thing, before NNG starts its threads (at
 the first socket), and all its threads share it; :func:`kernel.processes.spawn` then
 sets each child's policy explicitly, before the interpreter it execs has started any
-thread of its own.
-
-Linux keeps 5 % of every CPU for normal tasks (``/proc/sys/kernel/sched_rt_runtime_us``),
-so a kernel gone wrong cannot lock the machine up. The default priority, 20, stays
-below the threaded interrupt handlers of a PREEMPT_RT kernel (50). Raising the policy
-needs CAP_SYS_NICE or an RLIMIT_RTPRIO allowance: without it the kernel runs at the
-normal policy and `lugh status` says why.
+thread of its own. The default, 20, stays below the threaded interrupt handlers of a
+PREEMPT_RT kernel (50). Raising the policy needs CAP_SYS_NICE or an RLIMIT_RTPRIO
+allowance: without it everything runs at the normal policy and `lugh status` says why.
 """
 
 from __future__ import annotations
@@ -29,12 +36,17 @@ from __future__ import annotations
 import os
 
 DEFAULT_PRIORITY = 20
+MIN_PRIORITY = 3  # the kernel's, when not 0: room for the scheduler service and the workers below it
 MAX_PRIORITY = 99
+WORKER_PRIORITY = 1
 
 
-def service_priority(kernel_priority: int) -> int:
-    """The scheduler service's priority under a kernel at ``kernel_priority`` (0: normal)."""
-    return max(1, kernel_priority - 1) if kernel_priority else 0
+def child_priority(kernel_priority: int, kind: str) -> int:
+    """The priority of a child of ``kind`` under a kernel at ``kernel_priority`` (0: the
+    normal policy, for everything)."""
+    if not kernel_priority:
+        return 0
+    return {"scheduler": kernel_priority - 1, "worker": WORKER_PRIORITY}.get(kind, 0)
 
 
 def apply(pid: int, priority: int) -> str:

@@ -63,8 +63,9 @@ def up(
     workers: int = typer.Option(3, help="Worker processes; more than --slots, so that preemption finds one idle."),
     dispatch_batch: int = typer.Option(1, help="Scheduler decisions per answer, sent ahead to the worker's deck "
                                               "(1-64; a throughput mode, single slot: docs/architecture.md)."),
-    rt_priority: int = typer.Option(20, help="SCHED_FIFO priority of the kernel, its scheduler service one below "
-                                             "(0: the normal policy; falls back to it without CAP_SYS_NICE)."),
+    rt_priority: int = typer.Option(20, help="SCHED_FIFO priority of the kernel (3-99), its scheduler service one "
+                                             "below, workers at 1 (0: the normal policy; falls back to it without "
+                                             "CAP_SYS_NICE)."),
     home: Optional[Path] = HomeOpt,
     target: str = TargetOpt,
 ):

@@ -77,8 +77,10 @@ def _cpu_policy(status: dict) -> str:
     """The dispatch path's CPU policy (kernel/realtime.py): what the kernel asked for and got."""
     k = status["kernel"]
     policy = lambda cpu: f"SCHED_FIFO {cpu['priority']}" if cpu["policy"] == "fifo" else f"{cpu['policy']} policy"
-    scheduler = next((s for s in status["services"] if s["kind"] == "scheduler" and s.get("cpu")), None)
-    line = f"CPU: kernel {policy(k['cpu'])}" + (f", scheduler service {policy(scheduler['cpu'])}" if scheduler else "")
+    line = f"CPU: kernel {policy(k['cpu'])}"
+    for kind, label in (("scheduler", "scheduler service"), ("worker", "workers")):
+        service = next((s for s in status["services"] if s["kind"] == kind and s.get("cpu")), None)
+        line += f", {label} {policy(service['cpu'])}" if service else ""
     if k["rt_priority_asked"] and k["cpu"]["policy"] != "fifo":
         line += f" [yellow](SCHED_FIFO {k['rt_priority_asked']} was refused: the kernel's log says why)[/]"
     return line

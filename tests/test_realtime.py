@@ -1,6 +1,6 @@
-"""The dispatch path's CPU policy (kernel/realtime.py): the kernel and its scheduler
-service under SCHED_FIFO, every other process at the normal policy, and a clear report
-when the machine refuses it."""
+"""Real-time CPU scheduling (kernel/realtime.py): the kernel, its scheduler service and
+the workers under SCHED_FIFO, every other process at the normal policy, and a clear
+report when the machine refuses it."""
 
 from __future__ import annotations
 
@@ -30,7 +30,7 @@ def threads(pid: int) -> dict[int, dict]:
     return {int(tid): realtime.describe(int(tid)) for tid in os.listdir(f"/proc/{pid}/task")}
 
 
-def test_the_kernel_and_scheduler_run_real_time_and_nothing_else_does(home):
+def test_the_kernel_scheduler_and_workers_run_real_time_and_nothing_else_does(home):
     with running_kernel(home, workload="grid") as k:
         st = k.status()
         by_kind = {s["kind"]: s for s in st["services"]}
@@ -44,8 +44,12 @@ def test_the_kernel_and_scheduler_run_real_time_and_nothing_else_does(home):
         assert set(map(str, threads(st["kernel"]["pid"]).values())) == {str(fifo(20))}
         assert by_kind["scheduler"]["cpu"] == fifo(19)
         assert set(map(str, threads(by_kind["scheduler"]["pid"]).values())) == {str(fifo(19))}
-        others = [s for s in st["services"] if s["kind"] != "scheduler"]
-        assert {s["kind"] for s in others} >= {"rs", "storage", "monitor", "worker"}
+        workers = [s for s in st["services"] if s["kind"] == "worker"]
+        assert len(workers) == 3
+        for s in workers:
+            assert s["cpu"] == fifo(1) and set(map(str, threads(s["pid"]).values())) == {str(fifo(1))}
+        others = [s for s in st["services"] if s["kind"] not in ("scheduler", "worker")]
+        assert {s["kind"] for s in others} == {"rs", "storage", "monitor"}
         for s in others:
             assert s["cpu"]["policy"] == "other", s
             assert {t["policy"] for t in threads(s["pid"]).values()} == {"other"}, s["name"]
@@ -87,7 +91,7 @@ def test_a_refused_policy_boots_anyway_and_says_why(home):
 
 
 def test_bad_priorities_are_refused_before_boot(home):
-    for value in ("-1", "100"):
+    for value in ("-1", "2", "100"):
         done = subprocess.run([sys.executable, "-m", "kernel", "--home", str(home), "--rt-priority", value],
                               capture_output=True, text=True, timeout=60)
-        assert done.returncode == 2 and "rt_priority must be between 0" in done.stderr
+        assert done.returncode == 2 and "rt_priority must be 0 (the normal policy) or between 3 and 99" in done.stderr
