@@ -4,7 +4,11 @@ dispatch jitter, beside the bare timer accuracy of this machine measured in the 
 1. ``timer`` (the baseline): this process sleeps in a selector until each ideal release
    of the same 50-task schedule (periods and phases as below) for ``--timer-s`` seconds,
    as the kernel's loop does, and records how late each wake-up is. No dispatcher
-   that waits on a selector can release jobs more punctually than this.
+   that waits on a selector can release jobs more punctually than this. Beside it,
+   ``compute``: one fixed piece of pure Python run back to back for half as long, and
+   the thread CPU time of each run: the spread says how steady this CPU is (on the
+   development VM some runs cost 13 x the median), which bounds how steady the
+   kernel's loop and the jobs can be.
 2. ``edf``: a kernel with ``--slots`` dispatch slots (2: one per CPU of the reference
    machine, global EDF) and ``--workers`` workers (slots + 3, so that preempted jobs,
    which keep their worker, leave one idle), whose scheduler is swapped live to the installed
@@ -87,6 +91,21 @@ def timer_lateness(tasks: list[Task], seconds: float) -> list[float]:
         b.close()
 
 
+def compute_hiccups(seconds: float) -> list[float]:
+    """Thread CPU time (seconds) of each run of one fixed piece of pure Python, run back to
+    back for ``seconds``: on a steady CPU every run costs the same; on a VM whose vCPU
+    sometimes runs slower (shared caches, the host's own work) some runs cost many times
+    the median, which is then true of the kernel's loop and of every job as well."""
+    took, end = [], time.monotonic() + seconds
+    while time.monotonic() < end:
+        began = time.thread_time()
+        total = 0
+        for i in range(2000):
+            total += i * i
+        took.append(time.thread_time() - began)
+    return took
+
+
 def lag_counts(status: dict, name: str) -> dict[int, int]:
     return {int(edge): n for edge, n in status["tasks"][name].items()}
 
@@ -150,6 +169,9 @@ def main() -> int:
 
     progress(f"bare timer: selector wake-ups at the {len(tasks)} tasks' releases for {timer_s:g} s")
     timer = ms_summary(timer_lateness(tasks, timer_s))
+    progress(f"bare compute: one fixed piece of Python, back to back, for {timer_s / 2:g} s")
+    took = compute_hiccups(timer_s / 2)
+    compute = {**ms_summary(took), "over_1ms": sum(t > 0.001 for t in took)}
 
     with temporary_kernel("none", workers=workers, kernel_args=["--slots", str(args.slots)]) as bench:
         report = bench.request(protocol.SwapReq(service="scheduler", plugin="edf"), timeout=120)
@@ -180,12 +202,15 @@ def main() -> int:
     met = (edf["missed"] == 0 and edf["lost"] == 0 and start_p99 is not None and start_p99 <= JITTER_LIMIT_MS)
     result = {"benchmark": "edf", "seconds": round(elapsed, 1), "quick": seconds < 60, "tasks": len(tasks),
               "utilisation": args.utilisation, "slots": args.slots, "workers": workers, "edf": edf, "timer": timer,
+              "compute": compute,
               "goal": goal(f"0 deadline misses, 0 jobs lost, start jitter p99 <= {JITTER_LIMIT_MS:g} ms "
                            f"({seconds:g} s)", value=start_p99, met=met)}
     rj, sj = edf["release_jitter_ms"], edf["start_jitter_ms"]
     text = table(["", "count", "p50 ms", "p99 ms", "max ms"], [
         ["bare timer: selector wake-up - ideal release", timer["count"], timer["p50_ms"], timer["p99_ms"],
          timer["max_ms"]],
+        ["bare compute: thread CPU of one fixed piece", compute["count"], compute["p50_ms"], compute["p99_ms"],
+         compute["max_ms"]],
         ["edf: release - ideal release (release jitter)", rj["count"], rj["p50"], rj["p99"], rj["max"]],
         ["edf: first start - ideal release (start jitter)", sj["count"], sj["p50"], sj["p99"], sj["max"]]])
     text += "\n\n" + table(["scheduler", "released", "completed", "missed", "skipped", "failed", "lost", "jobs/s",
@@ -198,7 +223,10 @@ def main() -> int:
             f"{period:g} ms: {n}" for period, n in edf["missed_by_period_ms"].items())
     text += (f"\n\n{len(tasks)} grid tasks, utilisation {args.utilisation:g}, {args.slots} slot(s), {workers} workers, "
              f"{elapsed:.1f} s measured on the real "
-             f"clock{' (shorter than the 60 s of the goal)' if seconds < 60 else ''}; timer baseline {timer_s:g} s.")
+             f"clock{' (shorter than the 60 s of the goal)' if seconds < 60 else ''}; timer baseline {timer_s:g} s; "
+             f"compute baseline {timer_s / 2:g} s, {compute['over_1ms']} of its runs over 1 ms of CPU "
+             f"({compute['max_ms'] / compute['p50_ms']:.1f} x the median at most: what this CPU does to a fixed "
+             f"amount of work).")
     emit(result, args.json, text)
     return 0
 
