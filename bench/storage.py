@@ -53,7 +53,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent / "plugins" / "sqlite-storage"))
 
-from bench._common import (arguments, child, emit, goal, progress, protocol, pynng, ratio, read_line,  # noqa: E402
+from bench._common import (RT_ARGS, arguments, child, emit, goal, progress, protocol, pynng, ratio, read_line,  # noqa: E402
                            run, table, temporary_kernel)
 from bench.roundtrip import echo_server  # noqa: E402
 from lugh_sdk import runtime  # noqa: E402
@@ -258,7 +258,7 @@ def kernel_crash(bench) -> float:
     started = time.monotonic()
     os.kill(pid, signal.SIGKILL)
     runtime.down(bench.home)  # reaps it (this process started it) and clears its sockets
-    runtime.up(bench.home, workload="none", workers=0)
+    runtime.up(bench.home, workload="none", workers=0, kernel_args=RT_ARGS)
     with bench.attached("reboot") as link:
         return serving_again(KvClient(link, timeout=120), started)
 

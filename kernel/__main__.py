@@ -45,8 +45,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--no-spare", dest="spare", action="store_false",
                         help="no pre-imported spare host: every restart starts a new interpreter")
     parser.add_argument("--rt-priority", type=int, default=Options.rt_priority,
-                        help="SCHED_FIFO priority of the kernel (3-99; its scheduler service runs one below, "
-                             "workers at 1); 0: the normal policy (kernel/realtime.py)")
+                        help="SCHED_FIFO priority of the kernel (3-99, e.g. 20; its scheduler service runs one "
+                             "below, workers at 1); 0, the default: the normal policy (kernel/realtime.py)")
     parser.add_argument("--listen", default=None, help="also serve control on tls+tcp://HOST:PORT (kernel/remote.py)")
     parser.add_argument("--tls-dir", type=Path, default=None, help="ca.pem, server.pem, server.key for --listen")
     args = parser.parse_args(argv)

@@ -105,7 +105,7 @@ class Options:
     dispatch_batch: int = 1  # decisions per scheduler answer (the dispatch queue, see above)
     slots: int = 1  # jobs running at once (see above)
     spare: bool = True  # keep a pre-imported host interpreter for restarts (kernel/processes.py, Spare)
-    rt_priority: int = realtime.DEFAULT_PRIORITY  # SCHED_FIFO: kernel, scheduler service, workers; 0: none (kernel/realtime.py)
+    rt_priority: int = 0  # SCHED_FIFO for the kernel, scheduler service, workers; 0: none (kernel/realtime.py)
 
     def __post_init__(self) -> None:
         if not 1 <= self.slots <= max(1, self.workers):  # no workers (storage-only tests): nothing dispatches

@@ -7,7 +7,8 @@ milliseconds behind whatever else is runnable: a flood of messages, a monitor, s
 As real-time applications on Linux do, they run under SCHED_FIFO instead, which takes a
 CPU from any normal task the moment it has work:
 
-- the kernel at priority N (``--rt-priority``, default 20), all its threads;
+- the kernel at priority N (``--rt-priority N``, 3-99; ``DEFAULT_PRIORITY`` is the one
+  to use), all its threads;
 - the scheduler service at N - 1;
 - the workers at 1, the lowest real-time priority: above every normal task, below the
   dispatch path, so the kernel and its scheduler always get the CPU from a job they are
@@ -22,12 +23,19 @@ gone wrong can lock the machine up; with as many slots as CPUs, normal tasks may
 little more than that while every slot runs a long job. The supervisor does not take a
 service starved that way for hung (it discounts run-queue waiting, kernel/supervisor.py).
 
+It is off unless asked for (``--rt-priority 0``, the default): a kernel saturated by its
+own work starves every normal-policy service. Seen once in `lugh chaos` under the grid
+workload (tests/test_chaos.py, 2 CPUs): the kernel's loop at 100 % of a CPU, the
+storage service restarted until its restart limit made it give up. A real-time
+configuration is for a machine sized for it, with the services it relies on checked
+under load there.
+
 A thread inherits its creator's policy, and a process its parent's across fork and
 exec. So the kernel applies its policy first thing, before NNG starts its threads (at
 the first socket), and all its threads share it; :func:`kernel.processes.spawn` then
 sets each child's policy explicitly, before the interpreter it execs has started any
-thread of its own. The default, 20, stays below the threaded interrupt handlers of a
-PREEMPT_RT kernel (50). Raising the policy needs CAP_SYS_NICE or an RLIMIT_RTPRIO
+thread of its own. ``DEFAULT_PRIORITY``, 20, stays below the threaded interrupt
+handlers of a PREEMPT_RT kernel (50). Raising the policy needs CAP_SYS_NICE or an RLIMIT_RTPRIO
 allowance: without it everything runs at the normal policy and `lugh status` says why.
 """
 

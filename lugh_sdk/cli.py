@@ -63,9 +63,9 @@ def up(
     workers: int = typer.Option(3, help="Worker processes; more than --slots, so that preemption finds one idle."),
     dispatch_batch: int = typer.Option(1, help="Scheduler decisions per answer, sent ahead to the worker's deck "
                                               "(1-64; a throughput mode, single slot: docs/architecture.md)."),
-    rt_priority: int = typer.Option(20, help="SCHED_FIFO priority of the kernel (3-99), its scheduler service one "
-                                             "below, workers at 1 (0: the normal policy; falls back to it without "
-                                             "CAP_SYS_NICE)."),
+    rt_priority: int = typer.Option(0, help="Real-time CPU policy: SCHED_FIFO priority of the kernel (3-99, e.g. "
+                                            "20), its scheduler service one below, workers at 1; for a machine "
+                                            "dedicated to the runtime (docs/architecture.md). 0: the normal policy."),
     home: Optional[Path] = HomeOpt,
     target: str = TargetOpt,
 ):
@@ -74,7 +74,7 @@ def up(
 
     if workload not in ("grid", "none"):
         raise typer.BadParameter("workload must be 'grid' or 'none'")
-    if target != "local" and (slots, workers, dispatch_batch, rt_priority) != (1, 3, 1, 20):
+    if target != "local" and (slots, workers, dispatch_batch, rt_priority) != (1, 3, 1, 0):
         raise typer.BadParameter("--slots, --workers, --dispatch-batch and --rt-priority apply to the local target "
                                  "only (a guest's kernel boots with the defaults)")
     if target != "local":  # a QEMU target boots its VM; returns once its kernel is healthy

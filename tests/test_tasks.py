@@ -262,8 +262,8 @@ def test_slots_must_fit_the_workers_and_exclude_the_dispatch_queue(home):
 
 
 def test_two_slots_run_two_jobs_at_once_and_still_preempt(home):
-    """``--slots 2``: two 40 ms jobs released about together every 100 ms run side by
-    side on two workers. An urgent release while both slots are busy preempts one of them, and
+    """``--slots 2``: two 20 ms jobs released together every 100 ms run side by side on
+    two workers. An urgent release while both slots are busy preempts one of them, and
     nothing is lost. (The load leaves room to spare: an overloaded kernel skips releases
     at the backlog bound, and a skipped release asks nothing.)"""
     with running_kernel(home, workload="none", workers=4, kernel_args=["--slots", "2"]) as k:
@@ -272,9 +272,9 @@ def test_two_slots_run_two_jobs_at_once_and_still_preempt(home):
         # Released together: a task's first release is an offset after its add, and the
         # second add comes some ms after the first (tasks.json is fsynced in between).
         asked = time.monotonic()
-        add(k, name="left", period_ms=100, budget_ms=40, action="spin:40", offset_ms=500)
+        add(k, name="left", period_ms=100, budget_ms=20, action="spin:20", offset_ms=500)
         late_ms = (time.monotonic() - asked) * 1000
-        add(k, name="right", period_ms=100, deadline_ms=90, budget_ms=40, action="spin:40",
+        add(k, name="right", period_ms=100, deadline_ms=90, budget_ms=20, action="spin:20",
             offset_ms=max(0.0, 500 - late_ms))
         # every 7 ms: whatever the phase between the tasks, releases fall inside each
         # stretch where both jobs run
@@ -282,15 +282,10 @@ def test_two_slots_run_two_jobs_at_once_and_still_preempt(home):
         st = k.wait_for(lambda s: s["counters"].get("preemptions", 0) >= 3 and s["counters"].get("resumed", 0) >= 3
                         and s["tasks"]["completed"] >= 60, what="preemptions, resumptions and 60 jobs")
         assert st["tasks"]["slots"] == 2
-        # Two jobs at once, from the kernel's own records (first start to finish of the
-        # last jobs): a status read cannot see it, since this process, at the normal policy,
-        # gets no CPU while both slots run real-time workers on a 2-CPU machine.
-        recent = k.request(protocol.TaskListReq())["recent"]
-        runs = {task: [(r["start"], r["finish"]) for r in recent if r["job"].startswith(task + "#") and r["start"]]
-                for task in ("left", "right")}
-        assert runs["left"] and runs["right"], recent
-        # 40 ms of CPU each: one slot would need 80 ms of wall time for both
-        assert any(max(f1, f2) - min(s1, s2) < 0.075 for s1, f1 in runs["left"] for s2, f2 in runs["right"]), runs
+        # Both slots busy a fifth of the time: a status read soon sees two jobs running.
+        # (Not so with --rt-priority on 2 CPUs: this process, at the normal policy, would
+        # get no CPU while both slots run real-time workers.)
+        k.wait_for(lambda s: len(s["tasks"]["running"]) == 2, what="two jobs running at once")
         # A live swap with both slots busy: the new scheduler takes over every job not
         # running (the kernel's truth leaves out both running ones), and none is lost.
         swap = k.request(protocol.SwapReq(service="scheduler", plugin="priority"), timeout=120)
