@@ -23,12 +23,22 @@ gone wrong can lock the machine up; with as many slots as CPUs, normal tasks may
 little more than that while every slot runs a long job. The supervisor does not take a
 service starved that way for hung (it discounts run-queue waiting, kernel/supervisor.py).
 
-It is off unless asked for (``--rt-priority 0``, the default): a kernel saturated by its
-own work starves every normal-policy service. Seen once in `lugh chaos` under the grid
-workload (tests/test_chaos.py, 2 CPUs): the kernel's loop at 100 % of a CPU, the
-storage service restarted until its restart limit made it give up. A real-time
-configuration is for a machine sized for it, with the services it relies on checked
-under load there.
+It is off unless asked for (``--rt-priority 0``, the default), for two reasons seen on a
+2-CPU machine:
+
+- a kernel saturated by its own work starves every normal-policy service: under `lugh
+  chaos` with the grid workload (tests/test_chaos.py) the kernel's loop ran at 100 % of
+  a CPU and the storage service was restarted until its restart limit gave it up;
+- a livelock in Linux itself: reaping a child (``wait4`` -> ``release_task``) drops its
+  ``/proc`` entries, and ``shrink_dcache_parent`` spins until every reader of them lets
+  go. A real-time kernel spinning there, with the other CPU held by real-time work, never
+  lets the normal-policy reader run (priority inversion). Three real-time kernels and
+  their workers on 2 CPUs, with ``ps`` reading ``/proc``, stayed in that state for minutes,
+  SIGKILL pending, until their policy was lowered by hand (``chrt -o -p 0``). The fix, not
+  built: reap children from a thread at the normal policy.
+
+A real-time configuration is for a machine sized for it (more CPUs than real-time
+slots), with the services it relies on checked under load there.
 
 A thread inherits its creator's policy, and a process its parent's across fork and
 exec. So the kernel applies its policy first thing, before NNG starts its threads (at
