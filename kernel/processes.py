@@ -43,6 +43,56 @@ class Child:
         return self.popen.pid
 
 
+class _Popen(subprocess.Popen):
+    """A Popen that never reaps from a real-time thread (kernel/realtime.py). Reaping a
+    child drops its /proc entries, and Linux then waits, spinning, for every reader of
+    them to let go: a real-time thread spinning there can keep that normal-policy
+    reader off the CPU for good (a livelock). So a wait that may reap runs on a
+    short-lived thread at the normal policy while the caller sleeps; a poll of a child
+    still running reaps nothing and stays where it is."""
+
+    def poll(self):
+        if self.returncode is None and _realtime_thread() and _exited(self.pid):
+            return _at_normal_policy(super().poll)
+        return super().poll()
+
+    def wait(self, timeout=None):
+        if self.returncode is None and _realtime_thread():
+            return _at_normal_policy(super().wait, timeout)
+        return super().wait(timeout)
+
+
+def _realtime_thread() -> bool:
+    return os.sched_getscheduler(0) != os.SCHED_OTHER
+
+
+def _exited(pid: int) -> bool:
+    """Whether ``pid`` has exited and waits to be reaped (without reaping it)."""
+    try:
+        return os.waitid(os.P_PID, pid, os.WEXITED | os.WNOHANG | os.WNOWAIT) is not None
+    except ChildProcessError:
+        return True  # reaped already: Popen's own poll says so
+
+
+def _at_normal_policy(fn, *args):
+    result: list = []
+
+    def run() -> None:
+        realtime.apply(0, 0)  # this thread only: it was born with its creator's policy
+        try:
+            result.append((True, fn(*args)))
+        except BaseException as exc:  # noqa: B902 (handed back to the caller as is)
+            result.append((False, exc))
+
+    thread = threading.Thread(target=run, name="lugh-reap", daemon=True)
+    thread.start()
+    thread.join()
+    ok, value = result[0]
+    if not ok:
+        raise value
+    return value
+
+
 def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_path: Path,
           memory_budget: int, started: float, stdin=subprocess.DEVNULL, rt_priority: int = 0) -> Child:
     """Start ``python -m module args`` with its stdout/stderr in ``log_path``, an
@@ -51,7 +101,7 @@ def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_p
     the normal policy, unless it is the scheduler service)."""
     log = open(log_path, "ab")
     try:
-        popen = subprocess.Popen(
+        popen = _Popen(
             [sys.executable, "-m", module, *args],
             env=env, stdin=stdin, stdout=log, stderr=subprocess.STDOUT,
             close_fds=True,

@@ -34,8 +34,11 @@ It is off unless asked for (``--rt-priority 0``, the default), for two reasons s
   go. A real-time kernel spinning there, with the other CPU held by real-time work, never
   lets the normal-policy reader run (priority inversion). Three real-time kernels and
   their workers on 2 CPUs, with ``ps`` reading ``/proc``, stayed in that state for minutes,
-  SIGKILL pending, until their policy was lowered by hand (``chrt -o -p 0``). The fix, not
-  built: reap children from a thread at the normal policy.
+  SIGKILL pending, until their policy was lowered by hand (``chrt -o -p 0``). Since then
+  a real-time thread never reaps: :class:`kernel.processes._Popen` hands a wait that may
+  reap to a thread at the normal policy. That livelock is no longer possible from the
+  kernel's own waits; no real-time run long enough to show the fix in practice has
+  been made since.
 
 A real-time configuration is for a machine sized for it (more CPUs than real-time
 slots), with the services it relies on checked under load there.

@@ -8,11 +8,13 @@ import os
 import shutil
 import subprocess
 import sys
+import threading
+import time
 
 import pytest
 
 from conftest import processes_of, running_kernel
-from kernel import protocol, realtime
+from kernel import processes, protocol, realtime
 from lugh_sdk import runtime
 from lugh_sdk.client import KernelClient
 
@@ -104,3 +106,37 @@ def test_bad_priorities_are_refused_before_boot(home):
         done = subprocess.run([sys.executable, "-m", "kernel", "--home", str(home), "--rt-priority", value],
                               capture_output=True, text=True, timeout=60)
         assert done.returncode == 2 and "rt_priority must be 0 (the normal policy) or between 3 and 99" in done.stderr
+
+
+def test_a_real_time_thread_reaps_children_from_a_normal_policy_thread(tmp_path, monkeypatch):
+    """Reaping from a real-time thread can livelock in Linux's /proc cleanup
+    (kernel/realtime.py): a real-time caller's wait runs on a normal-policy thread."""
+    if not fifo_allowed():
+        pytest.skip("SCHED_FIFO is not allowed here")
+    policies = []
+    original = subprocess.Popen.poll
+
+    def recording_poll(self):
+        policies.append(os.sched_getscheduler(0))
+        return original(self)
+
+    monkeypatch.setattr(subprocess.Popen, "poll", recording_poll)
+    child = processes.spawn("sleeper", "timeit", ["-n", "1", "import time; time.sleep(60)"], env=dict(os.environ),
+                            log_path=tmp_path / "sleeper.log", memory_budget=0, started=0.0)
+    outcome = {}
+
+    def as_real_time() -> None:
+        assert realtime.apply(0, 10) == ""
+        outcome["alive"] = processes.reap(child)  # running: nothing to reap, no hand-off
+        processes.kill(child)
+        while not processes._exited(child.pid):
+            time.sleep(0.01)
+        outcome["code"] = processes.reap(child)
+
+    thread = threading.Thread(target=as_real_time)
+    thread.start()
+    thread.join(30)
+    assert outcome == {"alive": None, "code": -9}
+    assert os.SCHED_FIFO in policies  # the polls of a child still running
+    assert policies[-1] == os.SCHED_OTHER  # the one that reaped it
+    assert child.pidfd == -1
