@@ -190,8 +190,8 @@ class Kernel:
         self.run_dir = run_dir
         self.state_dir = home / "state"
         self.options = options or Options()
-        # The policy this process runs under, as its entry module set it (kernel/realtime.py):
-        # the scheduler service runs one priority below it.
+        # The policy this process runs under, as its entry module set it: its scheduler
+        # service and workers run below it (kernel/realtime.py).
         cpu = realtime.describe(0)
         self.rt_priority = cpu["priority"] if cpu["policy"] == "fifo" else 0
         self.started = time.monotonic()

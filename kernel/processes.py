@@ -81,7 +81,7 @@ def _at_normal_policy(fn, *args):
         realtime.apply(0, 0)  # this thread only: it was born with its creator's policy
         try:
             result.append((True, fn(*args)))
-        except BaseException as exc:  # noqa: B902 (handed back to the caller as is)
+        except BaseException as exc:  # handed back to the caller as is
             result.append((False, exc))
 
     thread = threading.Thread(target=run, name="lugh-reap", daemon=True)
@@ -97,8 +97,8 @@ def spawn(name: str, module: str, args: list[str], *, env: dict[str, str], log_p
           memory_budget: int, started: float, stdin=subprocess.DEVNULL, rt_priority: int = 0) -> Child:
     """Start ``python -m module args`` with its stdout/stderr in ``log_path``, an
     address-space limit the OS enforces (RLIMIT_AS, set from here with prlimit so the
-    child cannot skip it) and the CPU policy of ``rt_priority`` (kernel/realtime.py: 0,
-    the normal policy, unless it is the scheduler service)."""
+    child cannot skip it) and the CPU policy of ``rt_priority`` (kernel/realtime.py; 0:
+    the normal policy)."""
     log = open(log_path, "ab")
     try:
         popen = _Popen(
@@ -243,7 +243,7 @@ class Spare:
 def _set_policy(pid: int, rt_priority: int) -> None:
     """A child inherits a real-time kernel's policy: set the one it is meant to have
     while its interpreter is still starting, before any thread of its own exists."""
-    if rt_priority or os.sched_getscheduler(0) != os.SCHED_OTHER:
+    if rt_priority or _realtime_thread():
         if (why := realtime.apply(pid, rt_priority)) and why != "the process has exited":
             print(f"kernel: CPU policy of child {pid}: {why}", file=sys.stderr)
 
