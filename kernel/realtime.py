@@ -17,10 +17,11 @@ CPU from any normal task the moment it has work:
 
 Everything else stays at the normal policy: storage, monitors, the reincarnation server,
 the spare host, clients. A job that runs away at priority 1 is killed by the kernel
-(kernel/core.py: past max(2 s, 20 x budget)), and Linux keeps 5 % of every CPU for
-normal tasks (``/proc/sys/kernel/sched_rt_runtime_us``), so neither a job nor a kernel
-gone wrong can lock the machine up; with as many slots as CPUs, normal tasks may get
-little more than that while every slot runs a long job. The supervisor does not take a
+(kernel/core.py: past max(2 s, 20 x budget)), and Linux keeps about 5 % of every CPU
+for normal tasks (``/proc/sys/kernel/sched_rt_runtime_us``, or the fair server of recent
+kernels), which bounds what a job or a kernel gone wrong takes, though not every way it
+can stall others (below); with as many slots as CPUs, normal tasks may get little more
+than that while every slot runs a long job. The supervisor does not take a
 service starved that way for hung (it discounts run-queue waiting, kernel/supervisor.py).
 
 It is off unless asked for (``--rt-priority 0``, the default), for two reasons seen on a
