@@ -121,10 +121,14 @@ class Writer(threading.Thread):
             else:
                 self.status[n], self.errors[n] = "refused", result.error
 
-    def close(self):
+    def halt(self):
         self.stop = True
         self.go.set()
-        self.join(30)
+
+    def close(self):
+        """Close this writer's sockets; every writer's thread must have ended first:
+        NNG aborts the process if a socket closes under another thread's send."""
+        assert not self.is_alive(), f"{self.name}: the thread did not end"
         if self.dead:
             self.kv.link.close()
         else:
@@ -166,6 +170,10 @@ class Load:
             w.go.clear()
 
     def close(self) -> None:
+        for w in self.writers:
+            w.halt()
+        for w in self.writers:
+            w.join(30)
         for w in self.writers:
             w.close()
 
