@@ -134,7 +134,7 @@ class Instance:
     errors: int = 0
     job: str | None = None  # workers: the job it holds (running or preempted)
     deck: collections.deque = field(default_factory=collections.deque)  # workers: jobs sent to start after ``job``
-    stopped: bool = False   # workers: SIGSTOPped (preempted)
+    stopped: bool = False   # workers: preempted (protocol.PREEMPT_SIGNAL), until SIGCONT
     ready_future: Future = field(default_factory=Future)
     # supervision (kernel/supervisor.py)
     marks: tuple = (0.0, 0.0)  # CPU-wait clocks (kernel, peer) at its last sign of life (Supervisor.mark)
@@ -1079,7 +1079,7 @@ class Kernel:
     def _preempt(self, victim: str, job_id: str) -> None:
         inst = self.instances.get(self.table.ready[victim].worker)
         if inst is not None:
-            processes.kill(inst.child, signal.SIGSTOP)
+            processes.kill(inst.child, protocol.PREEMPT_SIGNAL)
             inst.stopped = True
             inst.stopped_at = time.monotonic()
         self.counters["preemptions"] += 1

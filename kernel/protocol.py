@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import enum
 import itertools
+import signal
 from typing import Annotated, Any, Literal, Union
 
 import msgspec
@@ -325,6 +326,13 @@ class Ping(_M, tag="ping"):
 class RunJob(_M, tag="run"):
     job: Job
     action: str
+
+
+# The kernel preempts a worker's job with this signal and continues it with SIGCONT. Not
+# SIGSTOP: a worker stops itself on it only while a job runs (kernel/services/worker.py),
+# so a preemption that arrives after the job ended, its JobDone on the way, does not
+# stop the JobDone inside the worker until the kernel resumes a job already finished.
+PREEMPT_SIGNAL = signal.SIGTSTP
 
 
 class Event(_M, tag="event"):

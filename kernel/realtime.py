@@ -13,7 +13,7 @@ CPU from any normal task the moment it has work:
 - the workers at 1, the lowest real-time priority: above every normal task, below the
   dispatch path, so the kernel and its scheduler always get the CPU from a job they are
   about to preempt. The jobs are the real-time work; which of them runs is the kernel's
-  decision (it stops a preempted worker with SIGSTOP), not the OS's.
+  decision (it stops a preempted worker with a signal), not the OS's.
 
 Everything else stays at the normal policy: storage, monitors, the reincarnation server,
 the spare host, clients. A job that runs away at priority 1 is killed by the kernel

@@ -15,7 +15,7 @@ This is a discrete-event simulation of what the kernel does on the real clock
   are counted, and, exactly like the kernel, the built-in fallback policy (EDF,
   ``kernel.tasks.fallback_key``) dispatches instead, so the run always finishes;
 - a job runs for its execution time: its budget, or what ``execution`` says. A preempted
-  job later continues where it stopped (the kernel's SIGSTOP/SIGCONT, here exact).
+  job later continues where it stopped (the kernel stops and continues the worker process, here exact).
 
 Releases happen in ``[0, duration_ms)``; then the simulation runs until every released
 job has finished. Time is kept in integer nanoseconds, so a run is exact and the same
