@@ -8,7 +8,14 @@ dispatch jitter, beside the bare timer accuracy of this machine measured in the 
    ``compute``: one fixed piece of pure Python run back to back for half as long, and
    the thread CPU time of each run: the spread says how steady this CPU is (on the
    development VM some runs cost 13 x the median), which bounds how steady the
-   kernel's loop and the jobs can be.
+   kernel's loop and the jobs can be. And ``hop``: the one-way latency of a bare pynng
+   message (Push0 -> Pull0, ``ipc://``) from a process at the kernel's real-time
+   priority to one at the workers', while a spinner at the workers' priority keeps one
+   CPU 90 % busy in bursts of a few ms (the EDF load, utilisation 0.9; the other CPU is
+   free, as a slot is when the kernel sends a job to a worker). Every dispatch decision
+   of the kernel crosses at least three such hops (kernel -> scheduler service ->
+   kernel, then RunJob to a worker), so this tail is a floor under the start of a job
+   that no runtime code can remove.
 2. ``edf``: a kernel with ``--slots`` dispatch slots (2: one per CPU of the reference
    machine, global EDF) and ``--workers`` workers (slots + 3, so that preempted jobs,
    which keep their worker, leave one idle), whose scheduler is swapped live to the installed
@@ -34,16 +41,22 @@ dispatch jitter, beside the bare timer accuracy of this machine measured in the 
 from __future__ import annotations
 
 import heapq
+import json
+import random
 import selectors
 import socket
+import struct
 import sys
+import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from bench._common import (arguments, emit, goal, percentile, progress, protocol, run, table,  # noqa: E402
+from bench._common import (arguments, child, child_setup, emit, goal, percentile, progress, protocol,  # noqa: E402
+                           read_line, run, table,
                            temporary_kernel)
+from kernel import realtime  # noqa: E402
 from kernel.core import Options  # noqa: E402
 from kernel.workload import grid_tasks  # noqa: E402
 from lugh_sdk.api.types import Task  # noqa: E402
@@ -106,6 +119,62 @@ def compute_hiccups(seconds: float) -> list[float]:
     return took
 
 
+HOP_RATE = 300.0  # messages/s: about one per job of the task set
+
+
+def hop_child(role: str, address: str) -> None:
+    """The hop baseline's processes (see the module doc), each under its policy before
+    any socket exists (NNG's threads inherit it), as in the runtime."""
+    stop = child_setup()
+    priority = realtime.DEFAULT_PRIORITY if role == "send" else realtime.WORKER_PRIORITY
+    refused = realtime.apply(0, priority)
+    import pynng
+
+    if role == "spin":  # 90 % busy, in bursts of 1-9 ms of CPU
+        print("ready", flush=True)
+        rng = random.Random()
+        while not stop["stop"]:
+            burst = rng.uniform(0.001, 0.009)
+            end = time.thread_time() + burst
+            while time.thread_time() < end:
+                pass
+            time.sleep(burst / 9)
+    elif role == "send":
+        with pynng.Push0(dial=address) as sock:
+            print("ready", flush=True)
+            rng = random.Random()
+            while not stop["stop"]:
+                time.sleep(rng.expovariate(HOP_RATE))
+                sock.send(struct.pack("d", time.monotonic()))
+    else:
+        late = []
+        with pynng.Pull0(listen=address, recv_timeout=100) as sock:
+            print("ready", flush=True)
+            while not stop["stop"]:
+                try:
+                    data = sock.recv()
+                except pynng.Timeout:
+                    continue
+                late.append(time.monotonic() - struct.unpack("d", data)[0])
+        print(json.dumps({"late": late, "refused": refused}), flush=True)
+
+
+def hop_latency(seconds: float) -> tuple[list[float], str]:
+    """One-way latencies (seconds) of the hop baseline over ``seconds``, and why the
+    real-time policy was refused ('' if it was not)."""
+    with tempfile.TemporaryDirectory(prefix="lugh-hop-") as tmp:
+        address = f"ipc://{tmp}/hop"
+        with child(__file__, "recv", address) as receiver:
+            read_line(receiver, "hop receiver")
+            with child(__file__, "spin", "-") as spinner, child(__file__, "send", address) as sender:
+                for proc, what in ((spinner, "spinner"), (sender, "hop sender")):
+                    read_line(proc, what)
+                time.sleep(seconds)
+            receiver.terminate()
+            result = json.loads(read_line(receiver, "hop receiver"))
+    return result["late"], result["refused"]
+
+
 def lag_counts(status: dict, name: str) -> dict[int, int]:
     return {int(edge): n for edge, n in status["tasks"][name].items()}
 
@@ -156,6 +225,9 @@ def main() -> int:
     parser.add_argument("--slots", type=int, default=2, help="the kernel's dispatch slots (default 2)")
     parser.add_argument("--workers", type=int, help="worker processes (default: slots + 3)")
     args = parser.parse_args()
+    if args.child is not None:
+        hop_child(*args.child)
+        return 0
     workers = args.workers or args.slots + 3
     seconds = args.seconds or (20.0 if args.quick else 60.0)
     timer_s = args.timer_s or (5.0 if args.quick else 10.0)
@@ -172,6 +244,9 @@ def main() -> int:
     progress(f"bare compute: one fixed piece of Python, back to back, for {timer_s / 2:g} s")
     took = compute_hiccups(timer_s / 2)
     compute = {**ms_summary(took), "over_1ms": sum(t > 0.001 for t in took)}
+    progress(f"bare hop: pynng messages to a worker-priority process beside a 90 % spinner, {timer_s:g} s")
+    late, refused = hop_latency(timer_s)
+    hop = {**ms_summary(late), "rt_refused": refused}
 
     with temporary_kernel("none", workers=workers, kernel_args=["--slots", str(args.slots)]) as bench:
         report = bench.request(protocol.SwapReq(service="scheduler", plugin="edf"), timeout=120)
@@ -202,7 +277,7 @@ def main() -> int:
     met = (edf["missed"] == 0 and edf["lost"] == 0 and start_p99 is not None and start_p99 <= JITTER_LIMIT_MS)
     result = {"benchmark": "edf", "seconds": round(elapsed, 1), "quick": seconds < 60, "tasks": len(tasks),
               "utilisation": args.utilisation, "slots": args.slots, "workers": workers, "edf": edf, "timer": timer,
-              "compute": compute,
+              "compute": compute, "hop": hop,
               "goal": goal(f"0 deadline misses, 0 jobs lost, start jitter p99 <= {JITTER_LIMIT_MS:g} ms "
                            f"({seconds:g} s)", value=start_p99, met=met)}
     rj, sj = edf["release_jitter_ms"], edf["start_jitter_ms"]
@@ -211,6 +286,8 @@ def main() -> int:
          timer["max_ms"]],
         ["bare compute: thread CPU of one fixed piece", compute["count"], compute["p50_ms"], compute["p99_ms"],
          compute["max_ms"]],
+        ["bare hop: pynng message, kernel -> worker priority", hop["count"], hop["p50_ms"], hop["p99_ms"],
+         hop["max_ms"]],
         ["edf: release - ideal release (release jitter)", rj["count"], rj["p50"], rj["p99"], rj["max"]],
         ["edf: first start - ideal release (start jitter)", sj["count"], sj["p50"], sj["p99"], sj["max"]]])
     text += "\n\n" + table(["scheduler", "released", "completed", "missed", "skipped", "failed", "lost", "jobs/s",
@@ -226,7 +303,8 @@ def main() -> int:
              f"clock{' (shorter than the 60 s of the goal)' if seconds < 60 else ''}; timer baseline {timer_s:g} s; "
              f"compute baseline {timer_s / 2:g} s, {compute['over_1ms']} of its runs over 1 ms of CPU "
              f"({compute['max_ms'] / compute['p50_ms']:.1f} x the median at most: what this CPU does to a fixed "
-             f"amount of work).")
+             f"amount of work); hop baseline {timer_s:g} s at about {HOP_RATE:g} messages/s"
+             f"{' (at the normal policy: ' + refused + ')' if refused else ''}.")
     emit(result, args.json, text)
     return 0
 
