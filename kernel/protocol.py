@@ -272,6 +272,16 @@ class JobCompleted(_M, tag="completed"):
     job: Job
 
 
+class JobStarted(_M, tag="started"):
+    """The kernel started ``job_id`` at ``at`` without asking: a slot was free and it
+    was the only ready job, which any scheduler must start then (the kernel overrules
+    an answer that leaves a startable job waiting). The scheduler service takes it off
+    the plugin's queue with a pick, as if the plugin had been asked."""
+    seq: int
+    job_id: str
+    at: float
+
+
 class PickNext(_M, tag="pick"):
     through: int  # the stream seq of the last event sent before this question
     req: int
@@ -365,7 +375,7 @@ Msg = Union[
     KvScan, KvTxn, KvInfo, KvAdmin, Handover,
     ShmAlloc, ShmFree, ShmGranted, Restart, GiveUp, MonitorReport,
     PolicyState, PolicyImport, Promote, InjectFault,
-    TaskAdded, TaskRemoved, JobReleased, JobCompleted, PickNext, ExportState,
+    TaskAdded, TaskRemoved, JobReleased, JobCompleted, JobStarted, PickNext, ExportState,
     ImportState, ExportData, ImportData, HealthCheck, Ping, RunJob, Event, ReportRequest, Stop, Batch,
 ]
 

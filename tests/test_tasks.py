@@ -248,6 +248,60 @@ def test_with_several_slots_a_job_waits_while_another_of_its_task_is_on_a_worker
     assert server.handle(protocol.PickNext(through=0, req=4, now=0.2)).job_id == "a#2"  # a#1 is off the queue
 
 
+def test_a_job_the_kernel_started_directly_is_picked_off_the_plugins_queue():
+    """JobStarted: the service makes the plugin's pick the kernel did not wait for; jobs
+    the plugin offers before it (started by the kernel's fallback meanwhile) go too,
+    and a job released after it is the next pick."""
+    pm = pluggy.PluginManager("lugh")
+    pm.add_hookspecs(lugh_sdk.api.scheduler)
+    pm.register(_ByPriority())
+    server = scheduler_service.Server(pm.hook, Stream(), None)
+    for name in ("a", "b", "c"):
+        server.handle(protocol.TaskAdded(seq=0, task=Task(name=name, period_ms=100, deadline_ms=100, budget_ms=1)))
+    stale = Job(id="a#1", task="a", release=0.0, deadline=0.1, priority=9)  # the fallback ran it: still queued here
+    sole = Job(id="b#1", task="b", release=0.01, deadline=0.11, priority=5)
+    later = Job(id="c#1", task="c", release=0.02, deadline=0.12, priority=1)
+    server.handle(protocol.JobReleased(seq=0, job=stale))
+    server.handle(protocol.JobReleased(seq=0, job=sole))
+    assert server.handle(protocol.JobStarted(seq=0, job_id="b#1", at=0.01)) is None
+    server.handle(protocol.JobReleased(seq=0, job=later))
+    assert server.handle(protocol.PickNext(through=0, req=1, now=0.02)).job_id == "c#1"
+    assert server.handle(protocol.PickNext(through=0, req=2, now=0.02)).job_id is None
+    assert server.stream.errors == 0
+
+
+def test_a_lone_ready_job_starts_without_asking_and_the_plugin_still_decides_between_two(kernel):
+    swap = kernel.request(protocol.SwapReq(service="scheduler", plugin="priority"), timeout=120)
+    assert swap["committed"], swap
+    add(kernel, name="solo", period_ms=10, action="noop")
+    st = kernel.wait_for(lambda s: s["counters"].get("direct_dispatches", 0) >= 20, what="20 direct dispatches")
+    c = st["counters"]
+    # The plugin's queue stayed the kernel's: no pick of a job already started, none overruled.
+    assert c.get("late_decisions", 0) == 0 and c.get("decisions_overruled", 0) == 0, c
+    assert c.get("decisions_refused", 0) == 0 and c.get("scheduler_resyncs", 0) == 0, c
+    # Two jobs released together: a choice, which is the plugin's (priority; the
+    # fallback's EDF would start the other first, its deadline is earlier).
+    kernel.request(protocol.TaskRemoveReq(name="solo"))
+    add(kernel, name="important", period_ms=200, deadline_ms=200, offset_ms=300, action="noop", priority=90)
+    add(kernel, name="urgent", period_ms=200, deadline_ms=50, offset_ms=300, action="noop", priority=10)
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        rows = [r for r in kernel.request(protocol.TaskListReq())["tasks"] if r["name"] in ("important", "urgent")]
+        if len(rows) == 2 and all(r["completed"] >= 3 for r in rows):
+            break
+        time.sleep(0.1)
+    pairs = {}
+    for j in kernel.request(protocol.TaskListReq())["recent"]:
+        task, _, n = j["job"].partition("#")
+        if task in ("important", "urgent"):
+            pairs.setdefault(n, {})[task] = j["start"]
+    both = [p for p in pairs.values() if len(p) == 2]
+    assert len(both) >= 3, pairs
+    assert all(p["important"] < p["urgent"] for p in both), both
+    t = kernel.status()["tasks"]
+    assert t["released"] == t["completed"] + t["ready"]
+
+
 def test_slots_must_fit_the_workers_and_exclude_the_dispatch_queue(home):
     refused = subprocess.run([sys.executable, "-m", "lugh_sdk", "up", "--detach", "--workload", "none", "--slots", "4"],
                              capture_output=True, text=True, timeout=120, env={**os.environ, "LUGH_HOME": str(home)})

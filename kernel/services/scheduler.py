@@ -67,6 +67,15 @@ class Server:
             if isinstance(msg, protocol.JobReleased):
                 self.jobs[msg.job.id] = msg.job
                 hook.sched_job_released(job=msg.job)
+            elif isinstance(msg, protocol.JobStarted):
+                # Its pick, made by the kernel (protocol.JobStarted). What the plugin
+                # offers before it was started by the kernel earlier (its fallback) and
+                # is running or done: in the kernel's view, when it sent this, no other
+                # job was waiting. Dropping those is what a pick of them would have done.
+                for _ in range(MAX_SKIPPED):
+                    picked = hook.sched_pick_next(now=msg.at, running=None)
+                    if picked is None or picked == msg.job_id:
+                        break
             elif isinstance(msg, protocol.JobCompleted):
                 self.jobs.pop(msg.job.id, None)
                 hook.sched_job_completed(job=msg.job)
