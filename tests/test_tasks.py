@@ -202,16 +202,23 @@ class _ByPriority(KeyedScheduler):
         return -job.priority
 
 
-def test_with_several_slots_the_scheduler_service_asks_about_each_running_job_in_turn():
-    """The kernel names the running jobs least urgent first by its own order (latest
-    deadline first). A priority plugin ranks them otherwise: the service asks it about
-    each in turn and the first job it would stop gives up its slot."""
+def _priority_service(*tasks: str) -> scheduler_service.Server:
+    """The scheduler service's message handling over a priority plugin, in this
+    process, with ``tasks`` added (100 ms periods)."""
     pm = pluggy.PluginManager("lugh")
     pm.add_hookspecs(lugh_sdk.api.scheduler)
     pm.register(_ByPriority())
     server = scheduler_service.Server(pm.hook, Stream(), None)
-    for name in ("a", "b", "c"):
+    for name in tasks:
         server.handle(protocol.TaskAdded(seq=0, task=Task(name=name, period_ms=100, deadline_ms=100, budget_ms=1)))
+    return server
+
+
+def test_with_several_slots_the_scheduler_service_asks_about_each_running_job_in_turn():
+    """The kernel names the running jobs least urgent first by its own order (latest
+    deadline first). A priority plugin ranks them otherwise: the service asks it about
+    each in turn and the first job it would stop gives up its slot."""
+    server = _priority_service("a", "b", "c")
     late_important = Job(id="a#1", task="a", release=0.0, deadline=0.09, priority=9)
     early_minor = Job(id="b#1", task="b", release=0.0, deadline=0.05, priority=1)
     middle = Job(id="c#1", task="c", release=0.01, deadline=0.1, priority=5)
@@ -228,12 +235,7 @@ def test_with_several_slots_the_scheduler_service_asks_about_each_running_job_in
 def test_with_several_slots_a_job_waits_while_another_of_its_task_is_on_a_worker():
     """The service skips the plugin's picks whose task has a job on a worker and gives
     them back in order; a preempted job of that task (itself on a worker) may resume."""
-    pm = pluggy.PluginManager("lugh")
-    pm.add_hookspecs(lugh_sdk.api.scheduler)
-    pm.register(_ByPriority())
-    server = scheduler_service.Server(pm.hook, Stream(), None)
-    for name in ("a", "b"):
-        server.handle(protocol.TaskAdded(seq=0, task=Task(name=name, period_ms=100, deadline_ms=100, budget_ms=1)))
+    server = _priority_service("a", "b")
     running = Job(id="a#0", task="a", release=0.0, deadline=0.1, priority=9)
     queued = [Job(id="a#1", task="a", release=0.1, deadline=0.2, priority=9),
               Job(id="a#2", task="a", release=0.2, deadline=0.3, priority=8),
@@ -252,12 +254,7 @@ def test_a_job_the_kernel_started_directly_is_picked_off_the_plugins_queue():
     """JobStarted: the service makes the plugin's pick the kernel did not wait for; jobs
     the plugin offers before it (started by the kernel's fallback meanwhile) go too,
     and a job released after it is the next pick."""
-    pm = pluggy.PluginManager("lugh")
-    pm.add_hookspecs(lugh_sdk.api.scheduler)
-    pm.register(_ByPriority())
-    server = scheduler_service.Server(pm.hook, Stream(), None)
-    for name in ("a", "b", "c"):
-        server.handle(protocol.TaskAdded(seq=0, task=Task(name=name, period_ms=100, deadline_ms=100, budget_ms=1)))
+    server = _priority_service("a", "b", "c")
     stale = Job(id="a#1", task="a", release=0.0, deadline=0.1, priority=9)  # the fallback ran it: still queued here
     sole = Job(id="b#1", task="b", release=0.01, deadline=0.11, priority=5)
     later = Job(id="c#1", task="c", release=0.02, deadline=0.12, priority=1)
