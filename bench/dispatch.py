@@ -5,8 +5,9 @@ The kernel runs ``--tasks`` no-op periodic tasks whose releases (``--tasks`` x 1
 and the dispatch slot is never idle for want of work: the figure is the kernel's
 dispatch capacity. Every decision is the scheduler service's (a separate process, the
 default round-robin plugin); decisions the kernel's fallback policy took instead
-(the scheduler late or away) are counted and subtracted, so the figure never credits
-the in-kernel fallback. Counts come from the kernel (``lugh status``) at both ends of
+(the scheduler late or away) and the kernel's direct dispatches (the only ready job
+started on a free slot without asking, which a saturated load leaves rare) are counted
+and subtracted, so the figure never credits the kernel's own decisions. Counts come from the kernel (``lugh status``) at both ends of
 each window.
 
 Two kernels are compared: ``--dispatch-batch 1`` (the default: the scheduler is asked
@@ -49,7 +50,8 @@ def counts(bench) -> dict:
     st = bench.status()
     c, t = st["counters"], st["tasks"]
     return {"at": time.monotonic(), "dispatched": c.get("dispatched", 0),
-            "fallback": c.get("fallback_decisions", 0), "released": t["released"], "completed": t["completed"],
+            "fallback": c.get("fallback_decisions", 0), "direct": c.get("direct_dispatches", 0),
+            "released": t["released"], "completed": t["completed"],
             "skipped": t["skipped"], "ready": t["ready"], "running": t["running"]}
 
 
@@ -72,7 +74,7 @@ def window(bench, args) -> dict:
     time.sleep(args.seconds / args.rounds)
     end = counts(bench)
     set_load(bench, args, False)
-    d = {k: end[k] - start[k] for k in ("at", "dispatched", "fallback", "released", "completed", "skipped")}
+    d = {k: end[k] - start[k] for k in ("at", "dispatched", "fallback", "direct", "released", "completed", "skipped")}
     # Snapshots are taken on the kernel's loop, and no task is removed inside the
     # window: every job released in it was completed or is still ready at its end.
     d["lost"] = d["released"] - d["completed"] - (end["ready"] - start["ready"])
@@ -82,13 +84,14 @@ def window(bench, args) -> dict:
 def summarize(batch: int, windows: list[dict]) -> dict:
     total = {k: sum(w[k] for w in windows) for k in windows[0]}
     seconds = total["at"]
-    by_scheduler = total["dispatched"] - total["fallback"]  # a fallback decision dispatches at most one job
+    # A fallback decision dispatches at most one job; a direct dispatch, one.
+    by_scheduler = total["dispatched"] - total["fallback"] - total["direct"]
     return {
         "dispatch_batch": batch, "seconds": round(seconds, 2),
         "jobs_per_s": round(by_scheduler / seconds, 1),
         "dispatched_per_s": round(total["dispatched"] / seconds, 1),
         "completed_per_s": round(total["completed"] / seconds, 1),
-        "fallback_decisions": total["fallback"], "skipped_releases": total["skipped"],
+        "fallback_decisions": total["fallback"], "direct_dispatches": total["direct"], "skipped_releases": total["skipped"],
         # Saturated: in every window the backlog bound skipped releases, so the slot never
         # waited for one and the figure is the kernel's capacity, not the offered rate.
         "saturated": all(w["skipped"] > 0 for w in windows),
@@ -144,10 +147,11 @@ def main() -> int:
                      met=ok(best)),
     }
     rows = [[f"jobs dispatched on the scheduler's decisions, batch {r['dispatch_batch']}", r["jobs_per_s"],
-             ratio(r["jobs_per_s"], bare_per_s), r["fallback_decisions"], r["saturated"], r["jobs_lost"]]
+             ratio(r["jobs_per_s"], bare_per_s), r["fallback_decisions"], r["direct_dispatches"], r["saturated"],
+             r["jobs_lost"]]
             for r in runs]
-    rows.append(["bare pynng Req0/Rep0 round trips, ipc://", bare_per_s, 1.0, None, None, None])
-    text = table(["per second", "rate", "x bare", "fallback", "saturated", "lost"], rows)
+    rows.append(["bare pynng Req0/Rep0 round trips, ipc://", bare_per_s, 1.0, None, None, None, None])
+    text = table(["per second", "rate", "x bare", "fallback", "direct", "saturated", "lost"], rows)
     text += (f"\n\n{args.tasks} no-op tasks, period {args.period_ms:g} ms; per row {args.seconds:g} s in {args.rounds} "
              f"windows, the rows' windows taken in turn (batch: scheduler decisions per answer, kernel "
              f"--dispatch-batch).")
