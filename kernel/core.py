@@ -925,7 +925,8 @@ class Kernel:
         record = self.table.ready[job_id]
         if record.worker is not None or self._waits_for_its_task(record) or self._idle_worker() is None:
             return False  # a resume (the plugin holds it as preempted), or it cannot start now
-        self._stream("scheduler", protocol.JobStarted(seq=0, job_id=job_id, at=time.monotonic()))
+        self._stream("scheduler", protocol.JobStarted(seq=0, job_id=job_id, at=time.monotonic(),
+                                                      decided=[*self.running, *self.decked]))
         self.counters["direct_dispatches"] += 1
         self._dispatch(job_id)
         return True

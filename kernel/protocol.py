@@ -280,6 +280,9 @@ class JobStarted(_M, tag="started"):
     seq: int
     job_id: str
     at: float
+    # The jobs the kernel holds as decided (running, or in a worker's deck): picks of
+    # these before ``job_id`` are dropped; any other pick before it goes back.
+    decided: Annotated[list[str], msgspec.Meta(max_length=1024)] = []
 
 
 class PickNext(_M, tag="pick"):

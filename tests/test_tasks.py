@@ -251,19 +251,21 @@ def test_with_several_slots_a_job_waits_while_another_of_its_task_is_on_a_worker
 
 
 def test_a_job_the_kernel_started_directly_is_picked_off_the_plugins_queue():
-    """JobStarted: the service makes the plugin's pick the kernel did not wait for; jobs
-    the plugin offers before it (started by the kernel's fallback meanwhile) go too,
-    and a job released after it is the next pick."""
-    server = _priority_service("a", "b", "c")
+    """JobStarted: the service makes the plugin's pick the kernel did not wait for; a job
+    the plugin offers before it that the kernel has started (its fallback did) goes too,
+    any other goes back; a job released after it is picked after those."""
+    server = _priority_service("a", "b", "c", "d")
     stale = Job(id="a#1", task="a", release=0.0, deadline=0.1, priority=9)  # the fallback ran it: still queued here
+    waiting = Job(id="d#1", task="d", release=0.0, deadline=0.1, priority=7)  # the kernel did not count it decided
     sole = Job(id="b#1", task="b", release=0.01, deadline=0.11, priority=5)
     later = Job(id="c#1", task="c", release=0.02, deadline=0.12, priority=1)
-    server.handle(protocol.JobReleased(seq=0, job=stale))
-    server.handle(protocol.JobReleased(seq=0, job=sole))
-    assert server.handle(protocol.JobStarted(seq=0, job_id="b#1", at=0.01)) is None
+    for job in (stale, waiting, sole):
+        server.handle(protocol.JobReleased(seq=0, job=job))
+    assert server.handle(protocol.JobStarted(seq=0, job_id="b#1", at=0.01, decided=["a#1"])) is None
     server.handle(protocol.JobReleased(seq=0, job=later))
-    assert server.handle(protocol.PickNext(through=0, req=1, now=0.02)).job_id == "c#1"
-    assert server.handle(protocol.PickNext(through=0, req=2, now=0.02)).job_id is None
+    assert server.handle(protocol.PickNext(through=0, req=1, now=0.02)).job_id == "d#1"
+    assert server.handle(protocol.PickNext(through=0, req=2, now=0.02)).job_id == "c#1"
+    assert server.handle(protocol.PickNext(through=0, req=3, now=0.02)).job_id is None
     assert server.stream.errors == 0
 
 

@@ -68,14 +68,18 @@ class Server:
                 self.jobs[msg.job.id] = msg.job
                 hook.sched_job_released(job=msg.job)
             elif isinstance(msg, protocol.JobStarted):
-                # Its pick, made by the kernel (protocol.JobStarted). What the plugin
-                # offers before it was started by the kernel earlier (its fallback) and
-                # is running or done: in the kernel's view, when it sent this, no other
-                # job was waiting. Dropping those is what a pick of them would have done.
+                # Its pick, made by the kernel (protocol.JobStarted). A job the plugin
+                # offers before it that the kernel already started (its fallback did) is
+                # dropped, as picking it would have; any other goes back, in order.
+                decided, back = set(msg.decided), []
                 for _ in range(MAX_SKIPPED):
                     picked = hook.sched_pick_next(now=msg.at, running=None)
                     if picked is None or picked == msg.job_id:
                         break
+                    if picked not in decided and picked in self.jobs:
+                        back.append(picked)
+                for job_id in back:
+                    hook.sched_job_released(job=self.jobs[job_id])
             elif isinstance(msg, protocol.JobCompleted):
                 self.jobs.pop(msg.job.id, None)
                 hook.sched_job_completed(job=msg.job)
