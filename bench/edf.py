@@ -267,7 +267,7 @@ def main() -> int:
     t0, t1 = before["tasks"], after["tasks"]
     window = {k: t1[k] - t0[k] for k in ("released", "completed", "missed", "skipped", "failed")}
     counters = {k: after["counters"].get(k, 0) - before["counters"].get(k, 0)
-                for k in ("dispatched", "preemptions", "fallback_decisions", "decisions_overruled")}
+                for k in ("dispatched", "direct_dispatches", "preemptions", "fallback_decisions", "decisions_overruled")}
     edf = {"scheduler": plugin, **window, "lost": t1["released"] - t1["completed"] - t1["ready"],
            "jobs_per_s": round(window["released"] / elapsed, 1),
            "release_jitter_ms": lag_summary(before, after, "release_lag_us"),
@@ -291,9 +291,9 @@ def main() -> int:
         ["edf: release - ideal release (release jitter)", rj["count"], rj["p50"], rj["p99"], rj["max"]],
         ["edf: first start - ideal release (start jitter)", sj["count"], sj["p50"], sj["p99"], sj["max"]]])
     text += "\n\n" + table(["scheduler", "released", "completed", "missed", "skipped", "failed", "lost", "jobs/s",
-                            "preemptions", "fallback decisions"],
+                            "preemptions", "direct starts", "fallback decisions"],
                            [[plugin, *(edf[k] for k in ("released", "completed", "missed", "skipped", "failed",
-                                                        "lost", "jobs_per_s", "preemptions",
+                                                        "lost", "jobs_per_s", "preemptions", "direct_dispatches",
                                                         "fallback_decisions"))]])
     if edf["missed_by_period_ms"]:
         text += "\n\nmisses by task period: " + ", ".join(
