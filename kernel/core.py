@@ -913,8 +913,9 @@ class Kernel:
         self._ask(inst, () if free else self._least_urgent_first())
 
     def _start_sole_ready(self) -> bool:
-        """Direct dispatch, as sched_ext's to an idle CPU: with a slot free, a worker
-        idle and exactly one ready job that may start, the question has one answer (the
+        """Direct dispatch, as sched_ext's to an idle CPU: with a slot free and exactly
+        one ready job that may start (a new one on an idle worker, or a preempted one on
+        its own), the question has one answer (the
         kernel overrules one that leaves a startable job waiting, ``_apply_decision``),
         so the job starts without the scheduler's round trip, which on a loaded machine
         is most of a start's latency. The scheduler is told first (JobStarted), so its
@@ -923,8 +924,12 @@ class Kernel:
             return False
         job_id = next(j for j in self.table.ready if j not in self.running and j not in self.decked)
         record = self.table.ready[job_id]
-        if record.worker is not None or self._waits_for_its_task(record) or self._idle_worker() is None:
-            return False  # a resume (the plugin holds it as preempted), or it cannot start now
+        if record.worker is not None:  # preempted: it continues on its own worker
+            if record.worker not in self.instances:
+                return False
+            self.counters["direct_resumes"] += 1
+        elif self._waits_for_its_task(record) or self._idle_worker() is None:
+            return False
         self._stream("scheduler", protocol.JobStarted(seq=0, job_id=job_id, at=time.monotonic(),
                                                       decided=[*self.running, *self.decked]))
         self.counters["direct_dispatches"] += 1

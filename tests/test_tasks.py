@@ -94,8 +94,10 @@ def test_preemptive_scheduler_preempts_by_stopping_the_worker(kernel):
     assert swap["committed"], swap
     add(kernel, name="long", period_ms=100, budget_ms=40, action="spin:40", priority=1)
     add(kernel, name="urgent", period_ms=7, deadline_ms=7, budget_ms=1, action="noop", priority=200)
-    st = kernel.wait_for(lambda s: s["counters"].get("preemptions", 0) >= 3 and s["counters"].get("resumed", 0) >= 3,
-                         what="preemptions and resumptions")
+    # Once the urgent job is done, the long one is the only ready job: it continues at
+    # once, without a question (direct dispatch).
+    st = kernel.wait_for(lambda s: s["counters"].get("preemptions", 0) >= 3 and s["counters"].get("resumed", 0) >= 3
+                         and s["counters"].get("direct_resumes", 0) >= 1, what="preemptions and direct resumptions")
     t = st["tasks"]
     assert t["released"] == t["completed"] + t["ready"]  # nothing lost across preemptions
     deadline = time.monotonic() + 30
