@@ -7,8 +7,8 @@ dispatch capacity. Every decision is the scheduler service's (a separate process
 default round-robin plugin); decisions the kernel's fallback policy took instead
 (the scheduler late or away) and the kernel's direct dispatches (the only ready job
 started on a free slot without asking, which a saturated load leaves rare) are counted
-and subtracted, so the figure never credits the kernel's own decisions. Counts come from the kernel (``lugh status``) at both ends of
-each window.
+and subtracted, so the figure never credits the kernel's own decisions. Counts come
+from the kernel (``lugh status``) at both ends of each window.
 
 Two kernels are compared: ``--dispatch-batch 1`` (the default: the scheduler is asked
 for every start) and ``--batch`` (the dispatch queue: decisions in batches, asked for

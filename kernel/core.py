@@ -915,10 +915,9 @@ class Kernel:
     def _start_sole_ready(self) -> bool:
         """Direct dispatch, as sched_ext's to an idle CPU: with a slot free and exactly
         one ready job that may start (a new one on an idle worker, or a preempted one on
-        its own), the question has one answer (the
-        kernel overrules one that leaves a startable job waiting, ``_apply_decision``),
-        so the job starts without the scheduler's round trip, which on a loaded machine
-        is most of a start's latency. The scheduler is told first (JobStarted), so its
+        its own), the question has one answer (the kernel overrules one that leaves a
+        startable job waiting, ``_apply_decision``), so the job starts without the
+        scheduler's round trip, which on a loaded machine is most of a start's latency. The scheduler is told first (JobStarted), so its
         queue is as if it had picked the job, before any later question reaches it."""
         if len(self.table.ready) != len(self.running) + len(self.decked) + 1:
             return False

@@ -258,10 +258,16 @@ def reap(child: Child) -> int | None:
 
 
 def kill(child: Child, sig: int = signal.SIGKILL) -> None:
+    """Signal ``child`` through its pidfd: one system call on the dispatch path (each
+    preemption and resume), never a reap (``Popen.send_signal`` polls first, which from
+    a real-time thread costs the checks of ``_Popen``), never a process that took over
+    the pid of one already reaped."""
+    if child.pidfd < 0:
+        return  # reaped: nothing left to signal
     try:
-        child.popen.send_signal(sig)
+        signal.pidfd_send_signal(child.pidfd, sig)
     except ProcessLookupError:
-        pass
+        pass  # exited, not reaped yet: its exit is reported through the same pidfd
 
 
 def stop(child: Child, timeout: float = 2.0) -> None:
