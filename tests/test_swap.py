@@ -262,11 +262,17 @@ def test_a_hung_scheduler_is_ejected_also_with_the_dispatch_queue(home):
     """``--dispatch-batch 8``: the scheduler process stopped (a hang, as `lugh chaos`
     injects it). The fallback's starts used to ask the next batch ahead while the pick
     was late, each question restarting the ejection clock: the hung scheduler stayed
-    for good. It is ejected and restarted, and no job is lost."""
+    for good. It is ejected and restarted, and no job is lost.
+
+    A long task keeps a job running while the others are released, so that the kernel
+    asks (ahead for the deck, or whether to preempt) rather than starting a lone ready
+    job directly: a question is owed when the scheduler stops, and the pick watchdog,
+    not the heartbeat one, is what finds it."""
     running = boot(home, kernel_args=["--dispatch-batch", "8"])
     pids = running.pids()
     try:
-        for task in TASKS:
+        for task in (*TASKS, Task(name="long", period_ms=40, deadline_ms=40, budget_ms=30, priority=5,
+                                  action="spin:25")):
             running.request(protocol.TaskAddReq(task=task))
         completes(running)
         before = running.status()
