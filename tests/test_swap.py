@@ -18,7 +18,7 @@ import time
 
 import pytest
 
-from conftest import boot, down_and_check, install_fixture_plugin, pids_alive, processes_of
+from conftest import boot, down_and_check, install_fixture_plugin, pids_alive, processes_of, running_kernel
 from kernel import protocol, swap as kswap
 from kernel.tasks import MAX_BACKLOG
 from lugh_sdk import runtime
@@ -221,7 +221,24 @@ def test_a_swap_that_cannot_be_done_is_refused_and_changes_nothing(busy, service
 
 # --------------------------------------------------------------------------- watchdog
 
-def test_a_scheduler_that_stops_answering_is_ejected_and_restarted(busy):
+@pytest.fixture
+def busy_slow_heartbeat(home):
+    """``busy`` with a heartbeat of 1 s (found hung after 3 s of silence). The stalling
+    plugin hangs in a pick, and with direct dispatch that may be a pick the kernel does
+    not wait for: the service then falls silent with no decision owed, and at the usual
+    0.1 s heartbeat the hang watchdog could take it out (a restart all the same) before
+    the kernel's next question went late. Every incarnation stalls, so that could go
+    on until the crash-loop rollback. A slower heartbeat leaves the pick watchdog, the
+    subject here, to find the stall: a question is owed within one 100 ms hyperperiod."""
+    with running_kernel(home, heartbeat=1.0) as running:
+        for task in TASKS:
+            running.request(protocol.TaskAddReq(task=task))
+        completes(running)
+        yield running
+
+
+def test_a_scheduler_that_stops_answering_is_ejected_and_restarted(busy_slow_heartbeat):
+    busy = busy_slow_heartbeat
     install_fixture_plugin(busy.home, "stall-pick-scheduler")
     # No health window: the plugin stalls after a number of decisions, which must
     # come after the commit for this kernel to run it as its scheduler.
