@@ -15,6 +15,11 @@ Rows (each ``--count`` round trips, one at a time, after ``--warmup`` untimed on
    readable (``kernel.ipc.Readiness``), as the kernel and its peers do. Row 1 against
    row 4 is the cost of the runtime's own code; row 4 against row 2 is the cost of the
    pattern (a wake-up through NNG's pollable descriptor instead of a blocking receive).
+5. bare pynng Push0/Pull0 with blocking receives (diagnostic): the floor of any design
+   that keeps one-way sockets (which unsolicited messages and lanes need) but gives up
+   polling several of them, e.g. one socket per direction with the lanes sorted at
+   the receiver. Only Req0/Rep0 is faster, and it allows one outstanding request and
+   no message the other side did not ask for.
 
 The rows are measured in turn, ``--rounds`` times (``--count`` / ``--rounds`` round trips
 each time), so that a change of the machine's load during the run weighs on every row
@@ -56,12 +61,17 @@ def echo_server(pattern: str, address: str) -> None:
                 except pynng.Timeout:
                     continue
         return
-    inbound, outbound = pynng.Pull0(listen=address + ".in"), pynng.Push0(listen=address + ".out")
+    inbound, outbound = pynng.Pull0(listen=address + ".in", recv_timeout=200), pynng.Push0(listen=address + ".out")
     with inbound, outbound:
         ready = Readiness({Lane.HIGH: inbound})
         print("ready", flush=True)
         while not stop["stop"]:
-            if ready.first(200) is not None and (msg := try_recv_msg(inbound)) is not None:
+            if pattern == "pushpull-blocking":
+                try:
+                    outbound.send(inbound.recv())
+                except pynng.Timeout:
+                    pass
+            elif ready.first(200) is not None and (msg := try_recv_msg(inbound)) is not None:
                 outbound.send(msg.bytes)
 
 
@@ -80,7 +90,7 @@ def bare_series(pattern: str, address: str, count: int, size: int) -> list[float
                 sock.recv()
                 rtts.append(time.perf_counter() - sent)
         return rtts
-    outbound, inbound = pynng.Push0(send_timeout=5000), pynng.Pull0()
+    outbound, inbound = pynng.Push0(send_timeout=5000), pynng.Pull0(recv_timeout=5000)
     with outbound, inbound:
         outbound.dial(address + ".in", block=True)
         inbound.dial(address + ".out", block=True)
@@ -88,11 +98,14 @@ def bare_series(pattern: str, address: str, count: int, size: int) -> list[float
         for _ in range(count):
             sent = time.perf_counter()
             outbound.send(payload)
-            while True:
-                if ready.first(5000) is None:
-                    raise RuntimeError("the echo server did not answer within 5 s")
-                if try_recv_msg(inbound) is not None:
-                    break
+            if pattern == "pushpull-blocking":
+                inbound.recv()  # raises pynng.Timeout after 5 s
+            else:
+                while True:
+                    if ready.first(5000) is None:
+                        raise RuntimeError("the echo server did not answer within 5 s")
+                    if try_recv_msg(inbound) is not None:
+                        break
             rtts.append(time.perf_counter() - sent)
     return rtts
 
@@ -111,12 +124,13 @@ def main() -> int:
     # The kernel's Ping to a service: req numbers up to ``count``, no payload.
     size = len(protocol.encode(protocol.Ping(req=args.count)))
     chunk = max(1, args.count // args.rounds)
-    figures = {name: [] for name in ("kernel", "reqrep", "pushpull", "client")}  # one summary per round
+    patterns = ("reqrep", "pushpull", "pushpull-blocking")
+    figures = {name: [] for name in ("kernel", "client", *patterns)}  # one summary per round
     with temporary_kernel("none") as bench, ExitStack() as stack:
         ping = lambda n: bench.request(protocol.PingServiceReq(service="scheduler", count=n, lane=Lane.HIGH),
                                        timeout=120)
         addresses = {}
-        for pattern in ("reqrep", "pushpull"):
+        for pattern in patterns:
             addresses[pattern] = f"ipc://{bench.home}/bare-{pattern}"
             read_line(stack.enter_context(child(__file__, pattern, addresses[pattern])), "echo server")
             bare_series(pattern, addresses[pattern], args.warmup, size)
@@ -126,7 +140,7 @@ def main() -> int:
         for i in range(args.rounds):
             progress(f"round {i + 1}/{args.rounds}: {chunk} round trips per row, {size}-byte payload")
             figures["kernel"].append(ping(chunk))
-            for pattern in ("reqrep", "pushpull"):
+            for pattern in patterns:
                 figures[pattern].append(summary_us(bare_series(pattern, addresses[pattern], chunk, size)))
             figures["client"].append(summary_us(ping_series(link, chunk)))
 
@@ -138,14 +152,16 @@ def main() -> int:
                                                                for k in ("median_us", "p99_us", "mean_us")}}
     per_round = lambda name, key: ratio(mid([r[key] / b[key] for r, b in zip(figures[name], figures["reqrep"])]), 1)
     ratios = lambda name: {"median": per_round(name, "median_us"), "p99": per_round(name, "p99_us")}
-    kernel, bare, client, lanes_pattern = (summary(figures[n]) for n in ("kernel", "reqrep", "client", "pushpull"))
+    kernel, bare, client, lanes_pattern, blocking = (summary(figures[n]) for n in ("kernel", "reqrep", "client",
+                                                                                 *patterns[1:]))
     result = {
         "benchmark": "roundtrip", "count": chunk * args.rounds, "rounds": args.rounds, "payload_bytes": size,
         "kernel_service": kernel, "bare_pynng": bare, "client_kernel": client,
-        "bare_pynng_lanes_pattern": lanes_pattern,
+        "bare_pynng_lanes_pattern": lanes_pattern, "bare_pynng_pushpull_blocking": blocking,
         "ratio_kernel_to_bare": ratios("kernel"),
         "ratio_client_to_bare": ratios("client"),
         "ratio_lanes_pattern_to_bare": ratios("pushpull"),
+        "ratio_pushpull_blocking_to_bare": ratios("pushpull-blocking"),
     }
     result["goal"] = goal(f"kernel/bare median <= {GOAL_RATIO}", result["ratio_kernel_to_bare"]["median"],
                           GOAL_RATIO)
@@ -154,7 +170,8 @@ def main() -> int:
                             ("bare pynng Req0/Rep0, ipc://", bare, None),
                             ("client -> kernel -> client (HIGH)", client, "ratio_client_to_bare"),
                             ("bare pynng Push0/Pull0 + poll, ipc://", lanes_pattern,
-                             "ratio_lanes_pattern_to_bare")):
+                             "ratio_lanes_pattern_to_bare"),
+                            ("bare pynng Push0/Pull0, blocking", blocking, "ratio_pushpull_blocking_to_bare")):
         r = result[key] if key else {"median": 1.0, "p99": 1.0}
         rows.append([label, row["median_us"], row["p99_us"], row["mean_us"], r["median"], r["p99"]])
     text = table(["round trip", "median µs", "p99 µs", "mean µs", "x bare (median)", "x bare (p99)"], rows)
