@@ -917,8 +917,9 @@ class Kernel:
         one ready job that may start (a new one on an idle worker, or a preempted one on
         its own), the question has one answer (the kernel overrules one that leaves a
         startable job waiting, ``_apply_decision``), so the job starts without the
-        scheduler's round trip, which on a loaded machine is most of a start's latency. The scheduler is told first (JobStarted), so its
-        queue is as if it had picked the job, before any later question reaches it."""
+        scheduler's round trip, which on a loaded machine is most of a start's latency.
+        The scheduler is told first (JobStarted), so its queue is as if it had picked
+        the job, before any later question reaches it."""
         if len(self.table.ready) != len(self.running) + len(self.decked) + 1:
             return False
         job_id = next(j for j in self.table.ready if j not in self.running and j not in self.decked)

@@ -40,10 +40,15 @@ COMMIT_STEPS = ["swap.begin", "swap.quiesce", "swap.import", "swap.redirect", "s
 def busy(kernel):
     """The ``kernel`` fixture (which checks at teardown that no process is left) with
     the workload running and completing jobs."""
+    return with_workload(kernel)
+
+
+def with_workload(running):
+    """``running`` with the TASKS workload added and completing jobs."""
     for task in TASKS:
-        kernel.request(protocol.TaskAddReq(task=task))
-    completes(kernel)
-    return kernel
+        running.request(protocol.TaskAddReq(task=task))
+    completes(running)
+    return running
 
 
 def swap(kernel, plugin: str, service: str = "scheduler", **kw) -> dict:
@@ -231,10 +236,7 @@ def busy_slow_heartbeat(home):
     on until the crash-loop rollback. A slower heartbeat leaves the pick watchdog, the
     subject here, to find the stall: a question is owed within one 100 ms hyperperiod."""
     with running_kernel(home, heartbeat=1.0) as running:
-        for task in TASKS:
-            running.request(protocol.TaskAddReq(task=task))
-        completes(running)
-        yield running
+        yield with_workload(running)
 
 
 def test_a_scheduler_that_stops_answering_is_ejected_and_restarted(busy_slow_heartbeat):

@@ -22,23 +22,31 @@ class Server:
         # has a job on a worker is put back with its Job (several dispatch slots).
         self.jobs: dict[str, Job] = {}
 
+    def _picks_until(self, now: float, wanted) -> tuple[str | None, list[str]]:
+        """The plugin's picks up to the first one ``wanted`` accepts (None: the plugin
+        has none left), and the ones before it, in order. Past ``MAX_SKIPPED`` picks the
+        search ends with none accepted: every pick taken is among those before."""
+        passed = []
+        while len(passed) <= MAX_SKIPPED:
+            job_id = self.hook.sched_pick_next(now=now, running=None)
+            if job_id is None or wanted(job_id):
+                return job_id, passed
+            passed.append(job_id)
+        return None, passed
+
+    def _give_back(self, job_ids) -> None:
+        for job_id in job_ids:
+            self.hook.sched_job_released(job=self.jobs[job_id])
+
     def _pick_startable(self, msg) -> str | None:
         """The plugin's next pick that may start now: with several slots, a job whose
         task already has another job on a worker waits for it (a task's jobs run one
         after the other); the picks skipped go back to the plugin, in order."""
         on_workers = {job.id for job in msg.on_workers}
         busy = {job.task for job in msg.on_workers}
-        skipped = []
-        job_id = self.hook.sched_pick_next(now=msg.now, running=None)
-        while (job_id is not None and job_id not in on_workers and job_id in self.jobs
-               and self.jobs[job_id].task in busy and len(skipped) < MAX_SKIPPED):
-            skipped.append(job_id)
-            job_id = self.hook.sched_pick_next(now=msg.now, running=None)
-        if len(skipped) == MAX_SKIPPED and job_id is not None:
-            skipped.append(job_id)  # none startable this far down: nothing now
-            job_id = None
-        for waiting in skipped:
-            self.hook.sched_job_released(job=self.jobs[waiting])
+        job_id, skipped = self._picks_until(
+            msg.now, lambda j: j in on_workers or j not in self.jobs or self.jobs[j].task not in busy)
+        self._give_back(skipped)
         return job_id
 
     def handle(self, msg):
@@ -71,15 +79,9 @@ class Server:
                 # Its pick, made by the kernel (protocol.JobStarted). A job the plugin
                 # offers before it that the kernel already started (its fallback did) is
                 # dropped, as picking it would have; any other goes back, in order.
-                decided, back = set(msg.decided), []
-                for _ in range(MAX_SKIPPED):
-                    picked = hook.sched_pick_next(now=msg.at, running=None)
-                    if picked is None or picked == msg.job_id:
-                        break
-                    if picked not in decided and picked in self.jobs:
-                        back.append(picked)
-                for job_id in back:
-                    hook.sched_job_released(job=self.jobs[job_id])
+                decided = set(msg.decided)
+                _, before = self._picks_until(msg.at, lambda j: j == msg.job_id)
+                self._give_back(j for j in before if j not in decided and j in self.jobs)
             elif isinstance(msg, protocol.JobCompleted):
                 self.jobs.pop(msg.job.id, None)
                 hook.sched_job_completed(job=msg.job)
